@@ -1,0 +1,301 @@
+"""Configuration: one TOML file, loaded with tomllib and checked at start.
+
+`load(path)` returns a `Config` or raises `ConfigError` whose message names the
+key, the value found and what is expected. Unknown sections and keys are errors
+too, so a typo never silently falls back to a default. Relative paths (the
+SQLite file, the Maildir) are resolved against the directory of the file.
+
+The path comes from `--config PATH`, else from the RELAYMAIL_CONFIG environment
+variable (see `resolve_path`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_VAR = "RELAYMAIL_CONFIG"
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    domain: str = ""
+    hostname: str = ""
+    operators_address: str = ""
+    notice_address: str = ""
+    bounce_secret: str = ""
+
+
+@dataclass(frozen=True)
+class SmtpSection:
+    listen: str = "127.0.0.1:2525"
+    max_message_bytes: int = 15 * 1024 * 1024
+    max_recipients: int = 50
+    max_received_headers: int = 100
+    max_line_bytes: int = 1024 * 1024
+    command_timeout_s: float = 300.0
+    max_connections: int = 500
+    max_connections_per_client: int = 50
+    unknown_recipients_before_delay: int = 3
+    unknown_recipients_before_disconnect: int = 10
+    unknown_recipient_delay_s: float = 2.0
+    tls_cert_path: str = ""
+    tls_key_path: str = ""
+
+
+@dataclass(frozen=True)
+class DatabaseSection:
+    url: str = "sqlite+aiosqlite:///relaymail.sqlite3"
+
+
+@dataclass(frozen=True)
+class DeliverySection:
+    transport: str = "maildir"
+    maildir: str = "maildir"
+    smarthost: str = ""
+    smarthost_starttls: bool = False
+    smarthost_username: str = ""
+    smarthost_password: str = ""
+    mx_port: int = 25
+    dns_nameservers: list[str] = field(default_factory=list)
+    tls: str = "opportunistic"
+    workers: int = 20
+    poll_interval_s: float = 1.0
+    connect_timeout_s: float = 30.0
+    min_backoff_s: int = 300
+    max_backoff_s: int = 3600
+    max_queue_lifetime_s: int = 432000
+    max_crashes: int = 3
+    lease_s: int = 300
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    relay: RelaySection
+    smtp: SmtpSection
+    database: DatabaseSection
+    delivery: DeliverySection
+    log: LogSection
+    path: Path | None = None
+
+    @property
+    def listen_host(self) -> str:
+        return split_host_port(self.smtp.listen, "smtp.listen")[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_host_port(self.smtp.listen, "smtp.listen")[1]
+
+    @property
+    def bounce_domain(self) -> str:
+        return self.relay.domain
+
+
+SECTIONS: dict[str, type] = {
+    "relay": RelaySection,
+    "smtp": SmtpSection,
+    "database": DatabaseSection,
+    "delivery": DeliverySection,
+    "log": LogSection,
+}
+
+TRANSPORTS = ("maildir", "smarthost", "mx")
+TLS_MODES = ("opportunistic", "required", "verify", "none")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def resolve_path(cli_value: str | None) -> Path:
+    """Return the configuration path from the option, else from RELAYMAIL_CONFIG."""
+    value = cli_value or os.environ.get(ENV_VAR)
+    if not value:
+        raise ConfigError(
+            f"no configuration file given: pass --config PATH or set {ENV_VAR} "
+            "(config.example.toml is a working example)"
+        )
+    return Path(value)
+
+
+def load(path: Path) -> Config:
+    """Read, check and return the configuration in `path`."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    return from_dict(data, base_dir=path.resolve().parent, path=path)
+
+
+def from_dict(data: dict[str, Any], base_dir: Path, path: Path | None = None) -> Config:
+    """Build and check a Config from parsed TOML data."""
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown section [{unknown[0]}]: expected one of {', '.join(SECTIONS)}"
+        )
+
+    sections = {}
+    for name, cls in SECTIONS.items():
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{name}: expected a table [{name}], got {raw!r}")
+        sections[name] = _build_section(name, cls, raw)
+
+    config = Config(**sections, path=path)
+    config = _resolve_paths(config, base_dir)
+    _check(config)
+    return config
+
+
+def _build_section(name: str, cls: type, raw: dict[str, Any]) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                f"{name}.{key}: unknown key; expected one of {', '.join(sorted(known))}"
+            )
+        values[key] = _coerce(f"{name}.{key}", value, known[key])
+    return cls(**values)
+
+
+def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
+    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} = {value!r}: expected a list of strings")
+        return value
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} = {value!r}: expected a {_type_name(expected)}")
+    if expected in (int, float) and value < 0:
+        raise ConfigError(f"{key} = {value!r}: expected a number >= 0")
+    return value
+
+
+def _type_name(expected: type) -> str:
+    return {str: "string", int: "whole number", float: "number", bool: "boolean (true or false)"}.get(
+        expected, expected.__name__
+    )
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    url = config.database.url
+    prefix = "sqlite+aiosqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
+        url = prefix + str(base_dir / url[len(prefix):])
+
+    maildir = config.delivery.maildir
+    if maildir and not os.path.isabs(maildir):
+        maildir = str(base_dir / maildir)
+
+    return dataclasses.replace(
+        config,
+        database=dataclasses.replace(config.database, url=url),
+        delivery=dataclasses.replace(config.delivery, maildir=maildir),
+    )
+
+
+def _check(config: Config) -> None:
+    relay, smtp, delivery = config.relay, config.smtp, config.delivery
+
+    if not relay.domain or "." not in relay.domain or "@" in relay.domain:
+        raise ConfigError(
+            f"relay.domain = {relay.domain!r}: expected the marketplace domain, "
+            "for example \"marketplace.example\""
+        )
+    if not relay.hostname:
+        raise ConfigError(
+            f"relay.hostname = {relay.hostname!r}: expected this host's name, "
+            f"for example \"mx.{relay.domain}\""
+        )
+    if len(relay.bounce_secret) < 16:
+        raise ConfigError(
+            "relay.bounce_secret: expected a random string of at least 16 characters "
+            "(it signs bounce addresses); generate one with: python3 -c "
+            "\"import secrets; print(secrets.token_hex(32))\""
+        )
+    for key in ("operators_address", "notice_address"):
+        value = getattr(relay, key)
+        if value and "@" not in value:
+            raise ConfigError(f"relay.{key} = {value!r}: expected an e-mail address")
+
+    split_host_port(smtp.listen, "smtp.listen")
+    if smtp.max_message_bytes < 1024:
+        raise ConfigError(f"smtp.max_message_bytes = {smtp.max_message_bytes}: expected at least 1024")
+    if smtp.max_line_bytes < 1001:
+        raise ConfigError(f"smtp.max_line_bytes = {smtp.max_line_bytes}: expected at least 1001")
+    if not 1 <= smtp.max_recipients <= 1000:
+        raise ConfigError(f"smtp.max_recipients = {smtp.max_recipients}: expected 1 to 1000")
+    if bool(smtp.tls_cert_path) != bool(smtp.tls_key_path):
+        raise ConfigError("smtp.tls_cert_path and smtp.tls_key_path: expected both or neither")
+
+    url = config.database.url
+    if not (url.startswith("sqlite+aiosqlite://") or url.startswith("postgresql+asyncpg://")):
+        raise ConfigError(
+            f"database.url = {url!r}: expected an SQLAlchemy async URL starting with "
+            "\"sqlite+aiosqlite://\" or \"postgresql+asyncpg://\""
+        )
+
+    if delivery.transport not in TRANSPORTS:
+        raise ConfigError(
+            f"delivery.transport = {delivery.transport!r}: expected one of {', '.join(TRANSPORTS)}"
+        )
+    if delivery.transport == "maildir" and not delivery.maildir:
+        raise ConfigError("delivery.maildir: expected a directory path when transport is \"maildir\"")
+    if delivery.transport == "smarthost":
+        split_host_port(delivery.smarthost, "delivery.smarthost")
+    if delivery.tls not in TLS_MODES:
+        raise ConfigError(f"delivery.tls = {delivery.tls!r}: expected one of {', '.join(TLS_MODES)}")
+    for server in delivery.dns_nameservers:
+        _check_nameserver(server)
+    if not 1 <= delivery.mx_port <= 65535:
+        raise ConfigError(f"delivery.mx_port = {delivery.mx_port}: expected a port from 1 to 65535")
+    if delivery.workers < 1:
+        raise ConfigError(f"delivery.workers = {delivery.workers}: expected at least 1")
+    if delivery.max_backoff_s < delivery.min_backoff_s:
+        raise ConfigError(
+            f"delivery.max_backoff_s = {delivery.max_backoff_s}: expected at least "
+            f"delivery.min_backoff_s ({delivery.min_backoff_s})"
+        )
+
+    if config.log.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"log.level = {config.log.level!r}: expected one of {', '.join(LOG_LEVELS)}")
+
+
+def _check_nameserver(value: str) -> None:
+    host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    host = host or value
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise ConfigError(
+            f"delivery.dns_nameservers: {value!r} is not an IP address; expected \"ip\" or \"ip:port\""
+        ) from None
+    if port and not port.isdigit():
+        raise ConfigError(f"delivery.dns_nameservers: {value!r} has an invalid port")
+
+
+def split_host_port(value: str, key: str) -> tuple[str, int]:
+    """Split "host:port" (or "[v6]:port"); raise ConfigError naming `key` if invalid."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{key} = {value!r}: expected \"host:port\", for example \"127.0.0.1:2525\"")
+    return host, int(port)

@@ -1,0 +1,209 @@
+"""Database access: the async engine and the queries of the mail path.
+
+`Store` wraps one SQLAlchemy async engine. On SQLite it turns on WAL mode with
+`synchronous=FULL`, so a committed transaction is on disk before `commit()`
+returns; that is what lets the receive path reply 250 only after the message
+and its deliveries are durable. On PostgreSQL a commit is durable by default
+(`synchronous_commit=on`).
+
+Functions here take an `AsyncSession` and never commit on their own, except
+`Store` methods named for a whole unit of work.
+
+Raises StoreError (or NotFoundError) for expected failures; SQLAlchemy errors
+from an unreachable database propagate.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from sqlalchemy import event, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from .errors import NotFoundError
+from .models import Buyer, Order, Pair, Seller, SellerSender, SenderState, ThreadId
+
+ALIAS_ALPHABET = string.ascii_lowercase + string.digits
+ALIAS_LENGTH = 15
+
+
+class Store:
+    """One async engine and its session factory."""
+
+    def __init__(self, url: str, echo: bool = False):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict = {"echo": echo}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_size"] = 10
+            kwargs["max_overflow"] = 10
+            kwargs["pool_pre_ping"] = True
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as session:
+            yield session
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+# --- aliases ---------------------------------------------------------------
+
+
+def new_alias() -> str:
+    """Return a fresh alias local part: 15 characters of [a-z0-9] from `secrets`."""
+    return "".join(secrets.choice(ALIAS_ALPHABET) for _ in range(ALIAS_LENGTH))
+
+
+def is_alias_form(local_part: str) -> bool:
+    """Return True if `local_part` has the alias form (15 characters of [a-z0-9])."""
+    return len(local_part) == ALIAS_LENGTH and all(c in ALIAS_ALPHABET for c in local_part)
+
+
+@dataclass(frozen=True)
+class AliasMatch:
+    """The pair behind an alias and which of its two aliases was named."""
+
+    pair: Pair
+    role: str  # "buyer_alias" (seller writes to the buyer) or "seller_alias"
+
+
+async def find_alias(session: AsyncSession, local_part: str) -> AliasMatch | None:
+    """Return the pair whose buyer or seller alias is `local_part` (any case), else None."""
+    local_part = local_part.lower()
+    if not is_alias_form(local_part):
+        return None
+    pair = await session.scalar(select(Pair).where(Pair.buyer_alias == local_part))
+    if pair is not None:
+        return AliasMatch(pair, "buyer_alias")
+    pair = await session.scalar(select(Pair).where(Pair.seller_alias == local_part))
+    if pair is not None:
+        return AliasMatch(pair, "seller_alias")
+    return None
+
+
+# --- sellers and senders ---------------------------------------------------
+
+
+async def sender_sellers(session: AsyncSession, address: str) -> dict[str, str]:
+    """Return {seller_id: state} for every seller that lists `address` as a sender."""
+    rows = await session.execute(
+        select(SellerSender.seller_id, SellerSender.state).where(SellerSender.address == address.lower())
+    )
+    return {seller_id: state for seller_id, state in rows}
+
+
+async def seller_addresses(session: AsyncSession, seller: Seller) -> list[str]:
+    """Return the seller's real addresses: approved senders and the support address."""
+    rows = await session.scalars(
+        select(SellerSender.address).where(
+            SellerSender.seller_id == seller.id, SellerSender.state == SenderState.APPROVED.value
+        )
+    )
+    addresses = set(rows)
+    addresses.add(seller.support_email.lower())
+    return sorted(addresses)
+
+
+async def get_seller(session: AsyncSession, seller_id: str) -> Seller:
+    seller = await session.get(Seller, seller_id)
+    if seller is None:
+        raise NotFoundError(f"seller {seller_id!r} not found")
+    return seller
+
+
+async def get_buyer(session: AsyncSession, buyer_id: str) -> Buyer:
+    buyer = await session.get(Buyer, buyer_id)
+    if buyer is None:
+        raise NotFoundError(f"buyer {buyer_id!r} not found")
+    return buyer
+
+
+async def pair_order_ids(session: AsyncSession, pair: Pair, limit: int = 5) -> list[str]:
+    """Return the ids of the pair's orders, most recent first."""
+    rows = await session.scalars(
+        select(Order.id)
+        .where(Order.buyer_id == pair.buyer_id, Order.seller_id == pair.seller_id)
+        .order_by(Order.placed_at.desc(), Order.id.desc())
+        .limit(limit)
+    )
+    return list(rows)
+
+
+# --- threading -------------------------------------------------------------
+
+
+async def map_thread_ids(
+    session: AsyncSession, pair_id: int, sender_side: str, ids: list[str]
+) -> list[str]:
+    """Map Message-IDs named by the sender to the ids the recipient knows.
+
+    `sender_side` is "buyer" or "seller". An id the relay issued for the other
+    side's message becomes that message's original id; an original id of the
+    sender's own message becomes the relay id the recipient received; a relay
+    id of the sender's own side is kept. Ids relaymail does not know are dropped.
+    Order is kept and duplicates removed.
+    """
+    if not ids:
+        return []
+
+    by_relay = {
+        row.relay_id: row
+        for row in await session.scalars(
+            select(ThreadId).where(ThreadId.pair_id == pair_id, ThreadId.relay_id.in_(ids))
+        )
+    }
+    by_original = {
+        row.original_id: row
+        for row in await session.scalars(
+            select(ThreadId).where(
+                ThreadId.pair_id == pair_id,
+                ThreadId.origin == sender_side,
+                ThreadId.original_id.in_(ids),
+            )
+        )
+    }
+
+    mapped: list[str] = []
+    for msgid in ids:
+        known = None
+        row = by_relay.get(msgid)
+        if row is not None:
+            known = row.relay_id if row.origin == sender_side else (row.original_id or None)
+        elif msgid in by_original:
+            known = by_original[msgid].relay_id
+        if known and known not in mapped:
+            mapped.append(known)
+    return mapped
+
+
+async def names_buyer_message(session: AsyncSession, pair_id: int, ids: list[str]) -> bool:
+    """Return True if any of `ids` is the relay's id for a message the buyer sent in this pair."""
+    if not ids:
+        return False
+    count = await session.scalar(
+        select(func.count())
+        .select_from(ThreadId)
+        .where(ThreadId.pair_id == pair_id, ThreadId.origin == "buyer", ThreadId.relay_id.in_(ids))
+    )
+    return bool(count)
