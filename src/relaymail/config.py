@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 import os
 import tomllib
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,50 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class ContentSection:
+    """`[policy.content]`: what to do with contact details in seller-to-buyer text.
+
+    Each of `emails`, `phones` and `links` is "off", "flag" (archive the
+    finding), "redact" (replace the match with a placeholder) or "block".
+    Links to a domain in `links_allowlist`, or to a subdomain of one, are
+    never findings.
+    """
+
+    emails: str = "off"
+    phones: str = "off"
+    links: str = "off"
+    links_allowlist: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PolicySection:
+    """`[policy]`: the seller-to-buyer rules and the automatic-message cap.
+
+    `extra_patterns_path` names a TOML file of not-critical patterns that are
+    added to the built-in ones (same format as relaymail/data/critical_patterns.toml).
+    `allowed_attachment_types` takes kinds from `ATTACHMENT_KINDS`.
+    """
+
+    timezone: str = "America/Mexico_City"
+    order_window_days: int = 30
+    critical_order_days: int = 90
+    automatic_window_s: int = 86400
+    max_attachment_bytes: int = 10_000_000
+    allowed_attachment_types: list[str] = field(
+        default_factory=lambda: list(ATTACHMENT_KINDS)
+    )
+    extra_patterns_path: str = ""
+    content: ContentSection = field(default_factory=ContentSection)
+
+
+@dataclass(frozen=True)
 class Config:
     relay: RelaySection
     smtp: SmtpSection
     database: DatabaseSection
     delivery: DeliverySection
     log: LogSection
+    policy: PolicySection = field(default_factory=PolicySection)
     path: Path | None = None
 
     @property
@@ -109,11 +148,16 @@ SECTIONS: dict[str, type] = {
     "database": DatabaseSection,
     "delivery": DeliverySection,
     "log": LogSection,
+    "policy": PolicySection,
 }
 
 TRANSPORTS = ("maildir", "smarthost", "mx")
 TLS_MODES = ("opportunistic", "required", "verify", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CONTENT_MODES = ("off", "flag", "redact", "block")
+# Attachment kinds that [policy] allowed_attachment_types accepts. The default
+# allows all of them, and relaymail.policy sniffs each one from its bytes.
+ATTACHMENT_KINDS = ("pdf", "jpeg", "png", "gif", "tiff", "bmp", "text", "csv", "word", "excel")
 
 
 def resolve_path(cli_value: str | None) -> Path:
@@ -169,8 +213,24 @@ def _build_section(name: str, cls: type, raw: dict[str, Any]) -> Any:
             raise ConfigError(
                 f"{name}.{key}: unknown key; expected one of {', '.join(sorted(known))}"
             )
+
+        # A field whose type is itself a section is a sub-table such as [policy.content].
+        nested = _nested_section_type(known[key])
+        if nested is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}.{key}: expected a table [{name}.{key}], got {value!r}")
+            values[key] = _build_section(f"{name}.{key}", nested, value)
+            continue
+
         values[key] = _coerce(f"{name}.{key}", value, known[key])
     return cls(**values)
+
+
+def _nested_section_type(spec: dataclasses.Field) -> type | None:
+    if spec.default_factory is dataclasses.MISSING:
+        return None
+    default = spec.default_factory()
+    return type(default) if dataclasses.is_dataclass(default) else None
 
 
 def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
@@ -205,10 +265,15 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     if maildir and not os.path.isabs(maildir):
         maildir = str(base_dir / maildir)
 
+    patterns_path = config.policy.extra_patterns_path
+    if patterns_path and not os.path.isabs(patterns_path):
+        patterns_path = str(base_dir / patterns_path)
+
     return dataclasses.replace(
         config,
         database=dataclasses.replace(config.database, url=url),
         delivery=dataclasses.replace(config.delivery, maildir=maildir),
+        policy=dataclasses.replace(config.policy, extra_patterns_path=patterns_path),
     )
 
 
@@ -277,6 +342,68 @@ def _check(config: Config) -> None:
 
     if config.log.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"log.level = {config.log.level!r}: expected one of {', '.join(LOG_LEVELS)}")
+
+    check_policy(config.policy)
+
+
+def check_policy(policy: PolicySection) -> None:
+    """Raise ConfigError unless every [policy] and [policy.content] value is valid.
+
+    This also reads and compiles the extra patterns file, so a broken pattern
+    is reported at start (or reload) instead of on the first message.
+    """
+    try:
+        zoneinfo.ZoneInfo(policy.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"policy.timezone = {policy.timezone!r}: expected an IANA time zone name, "
+            "for example \"America/Mexico_City\""
+        ) from None
+
+    for key in ("order_window_days", "critical_order_days", "automatic_window_s"):
+        if getattr(policy, key) < 1:
+            raise ConfigError(f"policy.{key} = {getattr(policy, key)}: expected at least 1")
+
+    for kind in policy.allowed_attachment_types:
+        if kind not in ATTACHMENT_KINDS:
+            raise ConfigError(
+                f"policy.allowed_attachment_types: {kind!r} is not a known type; "
+                f"expected any of {', '.join(ATTACHMENT_KINDS)}"
+            )
+
+    content = policy.content
+    for key in ("emails", "phones", "links"):
+        mode = getattr(content, key)
+        if mode not in CONTENT_MODES:
+            raise ConfigError(
+                f"policy.content.{key} = {mode!r}: expected one of {', '.join(CONTENT_MODES)}"
+            )
+    for domain in content.links_allowlist:
+        if not _is_domain_name(domain):
+            raise ConfigError(
+                f"policy.content.links_allowlist: {domain!r} is not a domain name; "
+                "expected a bare name such as \"example.com\" (no scheme, path or \"@\")"
+            )
+
+    if policy.extra_patterns_path:
+        # Imported here because relaymail.policy imports this module.
+        from .policy import load_patterns
+
+        try:
+            load_patterns(policy.extra_patterns_path)
+        except ConfigError as exc:
+            raise ConfigError(f"policy.extra_patterns_path = {policy.extra_patterns_path!r}: {exc}") from None
+
+
+def _is_domain_name(value: str) -> bool:
+    labels = value.rstrip(".").split(".")
+    if len(labels) < 2:
+        return False
+    return all(
+        label and len(label) <= 63 and not label.startswith("-") and not label.endswith("-")
+        and all(ch.isalnum() or ch == "-" for ch in label)
+        for label in labels
+    )
 
 
 def _check_nameserver(value: str) -> None:

@@ -38,11 +38,14 @@ def configure(level: str = "INFO") -> None:
 
 
 def fields(**values: object) -> str:
-    """Format key=value pairs; values with spaces are wrapped in parentheses."""
+    """Format key=value pairs; values with spaces are wrapped in parentheses.
+
+    `status` is written as given, in the `word (text)` form of MTA logs.
+    """
     parts = []
     for key, value in values.items():
-        text = str(value)
-        if " " in text and not text.startswith("("):
+        text = " ".join(str(value).split())
+        if " " in text and key != "status" and not text.startswith("("):
             text = f"({text})"
         parts.append(f"{key}={text}")
     return ", ".join(parts)

@@ -207,3 +207,86 @@ async def names_buyer_message(session: AsyncSession, pair_id: int, ids: list[str
         .where(ThreadId.pair_id == pair_id, ThreadId.origin == "buyer", ThreadId.relay_id.in_(ids))
     )
     return bool(count)
+
+
+# --- policy facts ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyFacts:
+    """The counters and look-ups the policy needs for one message."""
+
+    thread_reply: bool
+    has_recent_order: bool
+    sent_today: int
+    orders_last_30_days: int
+    automatic_passed_recently: bool
+
+
+COUNTED_STATUSES = ("queued", "delivered", "bounced", "held")
+
+
+async def policy_facts(session: AsyncSession, pair: Pair, direction: str, headers, policy_config, now) -> PolicyFacts:
+    """Gather the policy's inputs for a message of `direction` in `pair` at `now`."""
+    from datetime import timedelta
+
+    from . import policy
+    from .models import Message
+
+    thread_reply = False
+    if direction == "seller_to_buyer":
+        thread_reply = await names_buyer_message(session, pair.id, headers.in_reply_to + headers.references)
+
+    recent_since = now - timedelta(days=policy_config.critical_order_days)
+    has_recent_order = bool(
+        await session.scalar(
+            select(func.count())
+            .select_from(Order)
+            .where(Order.buyer_id == pair.buyer_id, Order.seller_id == pair.seller_id, Order.placed_at >= recent_since)
+        )
+    )
+
+    day_start = policy.day_start(now, policy_config.timezone)
+    sent_today = await session.scalar(
+        select(func.count())
+        .select_from(Message)
+        .where(
+            Message.seller_id == pair.seller_id,
+            Message.direction == "seller_to_buyer",
+            Message.status.in_(COUNTED_STATUSES),
+            Message.received_at >= day_start,
+        )
+    )
+
+    window_since = now - timedelta(days=policy_config.order_window_days)
+    orders_recent = await session.scalar(
+        select(func.count()).select_from(Order).where(Order.seller_id == pair.seller_id, Order.placed_at >= window_since)
+    )
+
+    automatic_since = now - timedelta(seconds=policy_config.automatic_window_s)
+    automatic_passed = await session.scalar(
+        select(func.count())
+        .select_from(Message)
+        .where(
+            Message.pair_id == pair.id,
+            Message.direction == direction,
+            Message.automatic.is_(True),
+            Message.status.in_(COUNTED_STATUSES),
+            Message.received_at >= automatic_since,
+        )
+    )
+
+    return PolicyFacts(
+        thread_reply=thread_reply,
+        has_recent_order=has_recent_order,
+        sent_today=int(sent_today or 0),
+        orders_last_30_days=int(orders_recent or 0),
+        automatic_passed_recently=bool(automatic_passed),
+    )
+
+
+async def message_by_queue_id(session: AsyncSession, queue_id: str):
+    """Return the message with `queue_id` (any case), or None."""
+    from .models import Message
+
+    return await session.scalar(select(Message).where(Message.queue_id == queue_id.upper()))

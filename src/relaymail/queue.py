@@ -1,0 +1,312 @@
+"""The queue manager: schedules due deliveries and records every attempt.
+
+A delivery row is due when its state is "queued", `next_attempt_at` has passed
+and no live claim holds it. `claim_due` marks due rows as claimed by this
+process until a lease expires, in one transaction: `FOR UPDATE SKIP LOCKED` on
+PostgreSQL, so several relay processes sharing one database never claim the
+same row; a single UPDATE on SQLite, whose writers are serialised anyway. On
+start, a SQLite relay releases every claim (only one process can use the file);
+on PostgreSQL, claims of a dead process expire after `[delivery] lease_s`.
+
+Each attempt ends in one of:
+    sent       the row is final (state "sent")
+    deferred   a temporary failure: retried after min_backoff_s * 2**(attempts-1),
+               capped at max_backoff_s, until max_queue_lifetime_s has passed
+               since the row was created; then it becomes a bounce
+    bounced    a permanent failure (state "bounced")
+    crashed    the delivery code raised an unexpected exception: retried like a
+               deferral, and after `[delivery] max_crashes` crashes the row is
+               held for a human (state "held"), never retried forever nor lost
+
+Limits: a bounced delivery is recorded but no DSN is sent to the original
+sender yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+
+from .config import Config
+from .deliver import Transport
+from .errors import DeliveryError, HardDeliveryError
+from .log import fields, set_queue_id
+from .models import AttemptResult, Delivery, DeliveryAttempt, DeliveryState, Message, MessageStatus, utcnow
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def node_id() -> str:
+    """Return an id for this relay process, used to mark claimed rows."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def backoff_s(attempts: int, min_backoff_s: int, max_backoff_s: int) -> int:
+    """Return the wait before the next attempt after `attempts` failed ones."""
+    if attempts <= 0:
+        return 0
+    return min(max_backoff_s, min_backoff_s * 2 ** min(attempts - 1, 30))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery_id: int
+    queue_id: str
+
+
+class QueueManager:
+    """Delivers due rows through one transport, with bounded concurrency."""
+
+    def __init__(self, config: Config, store: Store, transport: Transport):
+        self.config = config
+        self.store = store
+        self.transport = transport
+        self.node = node_id()
+        self.wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(config.delivery.workers)
+
+    def notify(self) -> None:
+        """Wake the manager: new rows may be due now."""
+        self.wake.set()
+
+    async def run(self) -> None:
+        """Deliver due rows until `stop()` is called."""
+        if self.store.is_sqlite:
+            await release_all_claims(self.store)
+        log.info(fields(event="queue_start", node=self.node, transport=self.transport.name))
+
+        while not self._stopping:
+            free = self.config.delivery.workers - len(self._tasks)
+            claimed = await self._claim(free) if free > 0 else []
+            for item in claimed:
+                task = asyncio.create_task(self._deliver(item))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+
+            if claimed and len(claimed) == free:
+                await asyncio.sleep(0)
+                continue
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=self.config.delivery.poll_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.wake.set()
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        try:
+            return await claim_due(self.store, self.node, limit, self.config.delivery.lease_s)
+        except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop the queue
+            log.warning(fields(event="claim_failed", error=repr(exc)))
+            await asyncio.sleep(self.config.delivery.poll_interval_s)
+            return []
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop claiming rows and wait for attempts in progress, at most `timeout_s`."""
+        self._stopping = True
+        self.wake.set()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    async def _deliver(self, item: Claimed) -> None:
+        set_queue_id(item.queue_id)
+        try:
+            await deliver_one(self.config, self.store, self.transport, item.delivery_id)
+        except Exception:  # noqa: BLE001 - the catch-all boundary of the queue manager
+            log.exception(fields(event="delivery_crashed", delivery=item.delivery_id))
+            await record_crash(self.config, self.store, item.delivery_id)
+
+
+async def release_all_claims(store: Store) -> None:
+    async with store.session() as session:
+        await session.execute(
+            update(Delivery)
+            .where(Delivery.claimed_by.is_not(None))
+            .values(claimed_by=None, claimed_until=None)
+        )
+        await session.commit()
+
+
+async def claim_due(store: Store, node: str, limit: int, lease_s: int) -> list[Claimed]:
+    """Claim up to `limit` due rows for `node`; return them with their queue ids."""
+    now = utcnow()
+    due = and_(
+        Delivery.state == DeliveryState.QUEUED.value,
+        Delivery.next_attempt_at <= now,
+        or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),
+    )
+    async with store.session() as session:
+        query = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(limit)
+        if not store.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        ids = list(await session.scalars(query))
+        if not ids:
+            await session.rollback()
+            return []
+
+        await session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(ids), due)
+            .values(claimed_by=node, claimed_until=now + timedelta(seconds=lease_s))
+        )
+        rows = await session.execute(
+            select(Delivery.id, Message.queue_id)
+            .join(Message, Message.id == Delivery.message_id)
+            .where(Delivery.id.in_(ids), Delivery.claimed_by == node)
+        )
+        claimed = [Claimed(delivery_id, queue_id) for delivery_id, queue_id in rows]
+        await session.commit()
+    return claimed
+
+
+async def deliver_one(config: Config, store: Store, transport: Transport, delivery_id: int) -> str:
+    """Make one attempt for a claimed row and record it; return the AttemptResult value."""
+    async with store.session() as session:
+        delivery = await session.get(Delivery, delivery_id)
+        message = await session.get(Message, delivery.message_id)
+        data = message.delivered_raw or b""
+        sender, recipient, created_at = delivery.envelope_sender, delivery.recipient, delivery.created_at
+        recipient_ref = f"delivery:{delivery.id}"
+
+    started = utcnow()
+    try:
+        result = await transport.send(sender, recipient, data)
+    except DeliveryError as exc:
+        return await _record_failure(config, store, delivery_id, exc, started, created_at, recipient_ref)
+
+    await _record(config, store, delivery_id, started, AttemptResult.SENT, result.host, result.code, result.text)
+    log.info(fields(to=recipient_ref, relay=result.host, delay=_delay(created_at), status=f"sent ({result.code} {result.text[:120]})"))
+    return AttemptResult.SENT.value
+
+
+async def _record_failure(config, store, delivery_id, exc, started, created_at, recipient_ref) -> str:
+    age_s = (utcnow() - created_at).total_seconds()
+    expired = age_s >= config.delivery.max_queue_lifetime_s
+    permanent = isinstance(exc, HardDeliveryError) or expired
+    result = AttemptResult.BOUNCED if permanent else AttemptResult.DEFERRED
+    text = exc.text if not (expired and not isinstance(exc, HardDeliveryError)) else f"queue lifetime expired; last error: {exc.text}"
+
+    await _record(config, store, delivery_id, started, result, exc.host or "", exc.code, text)
+    log.info(fields(to=recipient_ref, relay=exc.host or "none", delay=_delay(created_at), status=f"{result.value} ({text[:200]})"))
+    return result.value
+
+
+async def _record(config: Config, store: Store, delivery_id: int, started: datetime, result: AttemptResult, host: str, code: int | None, text: str) -> None:
+    """Store one attempt and move the row (and its message) to the next state."""
+    now = utcnow()
+    async with store.session() as session:
+        delivery = await session.get(Delivery, delivery_id)
+        delivery.attempts += 1
+        delivery.claimed_by = None
+        delivery.claimed_until = None
+        delivery.last_error = "" if result is AttemptResult.SENT else text
+
+        if result is AttemptResult.SENT:
+            delivery.state = DeliveryState.SENT.value
+            delivery.finished_at = now
+        elif result is AttemptResult.BOUNCED:
+            delivery.state = DeliveryState.BOUNCED.value
+            delivery.finished_at = now
+        else:
+            wait_s = backoff_s(delivery.attempts, config.delivery.min_backoff_s, config.delivery.max_backoff_s)
+            delivery.next_attempt_at = now + timedelta(seconds=wait_s)
+
+        session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=started, finished_at=now, result=result.value, host=host, reply_code=code, reply_text=text[:2000]))
+        await session.flush()
+        await _update_message_status(session, delivery.message_id)
+        await session.commit()
+
+
+async def _update_message_status(session, message_id: int) -> None:
+    states = set(await session.scalars(select(Delivery.state).where(Delivery.message_id == message_id)))
+    if states & {DeliveryState.QUEUED.value}:
+        return
+    message = await session.get(Message, message_id)
+    if DeliveryState.HELD.value in states:
+        message.status = MessageStatus.HELD.value
+    elif DeliveryState.BOUNCED.value in states:
+        message.status = MessageStatus.BOUNCED.value
+        message.finished_at = utcnow()
+    else:
+        message.status = MessageStatus.DELIVERED.value
+        message.finished_at = utcnow()
+
+
+async def record_crash(config: Config, store: Store, delivery_id: int) -> None:
+    """Count a crash of the delivery code; hold the row after too many."""
+    now = utcnow()
+    async with store.session() as session:
+        delivery = await session.get(Delivery, delivery_id)
+        if delivery is None:
+            return
+        delivery.crashes += 1
+        delivery.claimed_by = None
+        delivery.claimed_until = None
+        delivery.last_error = "the delivery code crashed; see the log"
+        if delivery.crashes >= config.delivery.max_crashes:
+            delivery.state = DeliveryState.HELD.value
+            log.error(fields(event="held", delivery=delivery_id, crashes=delivery.crashes, status="held (waits for a human: relaymail queue release)"))
+        else:
+            delivery.next_attempt_at = now + timedelta(seconds=backoff_s(delivery.crashes, config.delivery.min_backoff_s, config.delivery.max_backoff_s))
+        session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=now, finished_at=now, result=AttemptResult.CRASHED.value, reply_text="crash"))
+        await session.flush()
+        await _update_message_status(session, delivery.message_id)
+        await session.commit()
+
+
+def _delay(created_at: datetime) -> str:
+    return f"{(utcnow() - created_at).total_seconds():.2f}"
+
+
+# --- commands ---------------------------------------------------------------
+
+
+async def list_deliveries(store: Store, include_final: bool = False) -> list[dict]:
+    """Return queue rows as dicts, oldest first; only pending ones unless `include_final`."""
+    query = (
+        select(Delivery, Message.queue_id, Message.direction)
+        .join(Message, Message.id == Delivery.message_id)
+        .order_by(Delivery.created_at, Delivery.id)
+    )
+    if not include_final:
+        query = query.where(Delivery.state.in_([DeliveryState.QUEUED.value, DeliveryState.HELD.value]))
+    async with store.session() as session:
+        rows = await session.execute(query)
+        return [
+            {
+                "delivery_id": delivery.id,
+                "queue_id": queue_id,
+                "direction": direction,
+                "state": delivery.state,
+                "attempts": delivery.attempts,
+                "next_attempt_at": delivery.next_attempt_at.isoformat(),
+                "last_error": delivery.last_error,
+                "created_at": delivery.created_at.isoformat(),
+            }
+            for delivery, queue_id, direction in rows
+        ]
+
+
+async def flush(store: Store) -> int:
+    """Make every queued row due now; return how many rows changed."""
+    async with store.session() as session:
+        result = await session.execute(
+            update(Delivery)
+            .where(Delivery.state == DeliveryState.QUEUED.value)
+            .values(next_attempt_at=utcnow(), claimed_by=None, claimed_until=None)
+        )
+        await session.commit()
+        return result.rowcount or 0

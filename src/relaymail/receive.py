@@ -1,0 +1,571 @@
+"""The SMTP session: judge recipients at RCPT, the message after DATA.
+
+`RelayHandler` is an aiosmtpd handler. Everything knowable in the session is
+answered there with a reply code, so nothing turns into backscatter later:
+
+    RCPT    outside the domain            550 5.7.1 (never an open relay)
+            unknown address at the domain 550 5.1.1 (repeated ones are slowed
+                                           down, then answered 421 and closed)
+            a second, different alias     452 4.5.3 (one alias per transaction,
+                                           so each recipient gets its own verdict
+                                           after DATA; clients retry it alone)
+    DATA    bare CR or LF                 554 5.5.2 (SMTP smuggling)
+            too many Received headers     554 5.4.6 (a loop)
+            unusable From header          550 5.7.1
+            sender not allowed            550 5.7.1 (SPEC section 3)
+            policy verdict                250 (deliver, block, suppress),
+                                          4xx or 5xx (defer, reject)
+
+A 250 is sent only after the message, its rewritten bytes and its delivery
+rows are committed (see store.Store). Any unexpected exception becomes
+`451 4.3.0` and a log line with the queue id; no Python exception text ever
+reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import format_datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from . import bounce, i18n, mime, policy, rewrite, store
+from .config import Config
+from .headers import ParsedHeaders, decoding_codecs, first_field, parse_headers, split_fields
+from .log import fields, set_queue_id
+from .models import Buyer, Delivery, Direction, Message, MessageStatus, Pair, Seller, SenderState, ThreadId, utcnow
+
+log = logging.getLogger(__name__)
+
+REWRITE_IN_THREAD_BYTES = 256 * 1024
+OPERATOR_LOCAL_PARTS = ("postmaster", "abuse")
+
+REPLY_INTERNAL = "451 4.3.0 Temporary local problem; please try again later"
+REPLY_BARE_EOL = (
+    "554 5.5.2 Message rejected: it contains a bare CR or LF; "
+    "end every line with CRLF and send it again"
+)
+
+
+def new_queue_id() -> str:
+    """Return a 12-character queue id (upper-case hex)."""
+    return secrets.token_hex(6).upper()
+
+
+@dataclass
+class Target:
+    """What a recipient address stands for."""
+
+    kind: str  # "alias", "operators" or "bounce"
+    address: str
+    match: store.AliasMatch | None = None
+    bounce_token: bounce.BounceToken | None = None
+
+
+@dataclass
+class Outcome:
+    """The reply to DATA and what to archive."""
+
+    reply: str
+    queue_id: str
+    deliveries: list[tuple[str, str]] = field(default_factory=list)
+
+
+def has_bare_line_ending(data: bytes) -> bool:
+    """Return True if `data` holds a LF not preceded by CR, or a CR not followed by LF."""
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
+
+
+class RelayHandler:
+    """aiosmtpd handler of relaymail's SMTP listener."""
+
+    def __init__(self, config: Config, db: store.Store, on_queued=None):
+        self.config = config
+        self.store = db
+        self.on_queued = on_queued or (lambda: None)
+        self.domain = config.relay.domain.lower()
+
+    # --- session hooks ----------------------------------------------------
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        last = responses.pop()
+        responses.append("250-PIPELINING")
+        responses.append("250-ENHANCEDSTATUSCODES")
+        responses.append(last)
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.targets = []
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RSET(self, server, session, envelope):
+        return "250 2.0.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        try:
+            return await self._judge_recipient(server, session, envelope, address, rcpt_options)
+        except Exception:  # noqa: BLE001 - the catch-all boundary of the SMTP session
+            log.exception(fields(event="rcpt_failed", client=_peer(session)))
+            return REPLY_INTERNAL
+
+    async def handle_DATA(self, server, session, envelope):
+        queue_id = new_queue_id()
+        set_queue_id(queue_id)
+        try:
+            outcome = await self._process(session, envelope, queue_id)
+        except Exception:  # noqa: BLE001 - the catch-all boundary of the SMTP session
+            log.exception(fields(event="data_failed", client=_peer(session)))
+            return REPLY_INTERNAL
+        finally:
+            set_queue_id("-")
+        return outcome.reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error(fields(event="session_error", error=type(error).__name__))
+        return REPLY_INTERNAL
+
+    # --- RCPT -------------------------------------------------------------
+
+    async def _judge_recipient(self, server, session, envelope, address, rcpt_options) -> str:
+        targets: list[Target] = getattr(envelope, "targets", [])
+        envelope.targets = targets
+        local, _, domain = address.rpartition("@")
+
+        if len(targets) >= self.config.smtp.max_recipients:
+            return f"452 4.5.3 Too many recipients; send at most {self.config.smtp.max_recipients} per message"
+        if not local or domain.lower() != self.domain:
+            log.info(fields(event="reject", client=_peer(session), status="relay denied (550 5.7.1)"))
+            return f"550 5.7.1 Relay access denied: this server accepts mail only for addresses at {self.domain}"
+
+        target = await self._find_target(local)
+        if target is None:
+            return await self._unknown_recipient(server, session, address)
+
+        if any(t.address == address.lower() for t in targets):
+            return "250 2.1.5 Recipient OK (duplicate)"
+        if targets and (target.kind != "operators" or any(t.kind != "operators" for t in targets)):
+            return f"452 4.5.3 One alias per message: send to <{address}> in a separate transaction"
+
+        targets.append(target)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def _find_target(self, local: str) -> Target | None:
+        lowered = local.lower()
+        address = f"{lowered}@{self.domain}"
+        if lowered in OPERATOR_LOCAL_PARTS and self.config.relay.operators_address:
+            return Target("operators", address)
+        if bounce.is_bounce_local_part(lowered):
+            token = bounce.verify_bounce_address(self.config.relay.bounce_secret, lowered)
+            return Target("bounce", address, bounce_token=token) if token else None
+
+        async with self.store.session() as session:
+            match = await store.find_alias(session, lowered)
+        return Target("alias", address, match=match) if match else None
+
+    async def _unknown_recipient(self, server, session, address: str) -> str:
+        smtp = self.config.smtp
+        session.unknown_recipients = getattr(session, "unknown_recipients", 0) + 1
+        count = session.unknown_recipients
+        log.info(fields(event="reject", client=_peer(session), unknown=count, status="unknown recipient (550 5.1.1)"))
+
+        if count >= smtp.unknown_recipients_before_disconnect:
+            log.warning(fields(event="disconnect", client=_peer(session), reason="too many unknown recipients"))
+            server._writer.write(b"421 4.7.0 Too many unknown recipients; closing connection\r\n")
+            server.transport.close()
+            return "421 4.7.0 Too many unknown recipients; closing connection"
+        if count >= smtp.unknown_recipients_before_delay:
+            await asyncio.sleep(smtp.unknown_recipient_delay_s)
+        if bounce.is_bounce_local_part(address.partition("@")[0]):
+            return "550 5.7.1 Invalid or expired bounce address"
+        return f"550 5.1.1 Recipient <{address}> does not exist here; check the address"
+
+    # --- DATA -------------------------------------------------------------
+
+    async def _process(self, session, envelope, queue_id: str) -> Outcome:
+        raw: bytes = envelope.original_content or b""
+        targets: list[Target] = getattr(envelope, "targets", [])
+        client = _peer(session)
+        log.info(fields(event="data", client=client, size=len(raw), nrcpt=len(targets)))
+
+        if has_bare_line_ending(raw):
+            await self._archive_rejected(queue_id, envelope, raw, None, "smuggling", "bare CR or LF in DATA", client)
+            return self._reject(queue_id, REPLY_BARE_EOL, "bare CR or LF")
+
+        headers = parse_headers(raw)
+        if headers.received_count > self.config.smtp.max_received_headers:
+            reply = (
+                f"554 5.4.6 Mail loop detected: the message has {headers.received_count} Received "
+                f"headers (at most {self.config.smtp.max_received_headers})"
+            )
+            await self._archive_rejected(queue_id, envelope, raw, headers, "loop", "too many Received headers", client)
+            return self._reject(queue_id, reply, "loop")
+
+        target = targets[0]
+        if target.kind == "operators":
+            return await self._to_operators(queue_id, envelope, raw, headers, client)
+        if target.kind == "bounce":
+            return await self._bounce_report(queue_id, envelope, raw, headers, target, client)
+        return await self._to_alias(queue_id, envelope, raw, headers, target.match, client)
+
+    def _reject(self, queue_id: str, reply: str, why: str) -> Outcome:
+        log.info(fields(event="reject", status=f"rejected ({reply})"))
+        return Outcome(reply=reply, queue_id=queue_id)
+
+    async def _to_alias(self, queue_id, envelope, raw, headers: ParsedHeaders, match: store.AliasMatch, client) -> Outcome:
+        pair = match.pair
+        direction = Direction.SELLER_TO_BUYER if match.role == "buyer_alias" else Direction.BUYER_TO_SELLER
+
+        if headers.from_address is None:
+            reply = (
+                f"550 5.7.1 The From header {headers.from_error}; send the message with "
+                "exactly one From header holding one address"
+            )
+            await self._archive_rejected(queue_id, envelope, raw, headers, "from_header", f"From header {headers.from_error}", client, pair, direction)
+            return self._reject(queue_id, reply, "from header")
+
+        async with self.store.session() as session:
+            pair = await session.get(Pair, pair.id)
+            denial = await self._authorize(session, pair, direction, headers.from_address)
+            if denial is not None:
+                await session.rollback()
+                await self._archive_rejected(queue_id, envelope, raw, headers, "sender", denial, client, pair, direction)
+                return self._reject(queue_id, f"550 5.7.1 {denial}", "sender")
+
+            verdict = await self._decide(session, pair, direction, envelope, raw, headers)
+            if verdict.action == "defer":
+                log.info(fields(event="defer", rule=verdict.rule, status=f"deferred ({verdict.reply})"))
+                return Outcome(reply=verdict.reply, queue_id=queue_id)
+            if verdict.action == "reject":
+                await session.rollback()
+                await self._archive_rejected(queue_id, envelope, raw, headers, verdict.rule, verdict.reason, client, pair, direction)
+                return self._reject(queue_id, verdict.reply, verdict.rule)
+
+            message = _new_message(queue_id, envelope, raw, headers, pair, direction, client)
+            message.rule = verdict.rule
+            message.reason = verdict.reason
+            message.automatic = verdict.automatic
+            message.critical = verdict.critical
+            message.thread_reply = verdict.thread_reply
+            message.needs_response = verdict.needs_response
+            message.order_id = (await store.pair_order_ids(session, pair, limit=1) or [None])[0]
+
+            if verdict.action in ("block", "suppress"):
+                message.status = MessageStatus.BLOCKED.value if verdict.action == "block" else MessageStatus.SUPPRESSED.value
+                session.add(message)
+                await session.flush()
+                notice = await self._maybe_notice(session, message, pair, envelope, headers, verdict)
+                await session.commit()
+                log.info(fields(event=verdict.action, rule=verdict.rule, notice=notice, status=f"{verdict.action} ({verdict.reason})"))
+                if notice:
+                    self.on_queued()
+                return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
+
+            await self._rewrite_and_queue(session, message, pair, direction, raw, headers, verdict)
+            await session.commit()
+
+        self.on_queued()
+        log.info(fields(event="queued", direction=direction.value, pair=pair.id, size=len(raw), status="queued"))
+        return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
+
+    async def _authorize(self, session: AsyncSession, pair: Pair, direction: Direction, sender: str) -> str | None:
+        """Return why `sender` may not write through this alias, or None when it may."""
+        if direction is Direction.BUYER_TO_SELLER:
+            buyer = await session.get(Buyer, pair.buyer_id)
+            if sender == buyer.email.lower():
+                return None
+            return "This address accepts mail only from the buyer of this conversation"
+
+        states = await store.sender_sellers(session, sender)
+        if states.get(pair.seller_id) == SenderState.APPROVED.value:
+            return None
+        if any(state == SenderState.APPROVED.value for state in states.values()):
+            return "This sender address belongs to another seller, which cannot write to this buyer"
+        return (
+            f"The sender address <{sender}> is not approved for this seller; the seller must add "
+            "and approve it in its messaging permissions, then send the message again"
+        )
+
+    async def _decide(self, session, pair: Pair, direction: Direction, envelope, raw: bytes, headers: ParsedHeaders) -> policy.Verdict:
+        now = utcnow()
+        facts = await store.policy_facts(session, pair, direction.value, headers, self.config.policy, now)
+        text, attachments = await _content(raw)
+        real_addresses = await _sender_real_addresses(session, pair, direction)
+        inp = policy.PolicyInput(
+            direction=direction.value,
+            subject=headers.subject,
+            text=text,
+            envelope_sender=envelope.mail_from or "",
+            auto_submitted=headers.auto_submitted,
+            precedence=headers.precedence,
+            looks_automatic=headers.looks_automatic,
+            thread_reply=facts.thread_reply,
+            buyer_opted_out=pair.buyer.opted_out,
+            has_recent_order=facts.has_recent_order,
+            sent_today=facts.sent_today,
+            orders_last_30_days=facts.orders_last_30_days,
+            automatic_passed_recently=facts.automatic_passed_recently,
+            attachments=attachments,
+            now=now,
+            marketplace_domain=self.domain,
+            replaced_addresses=tuple(real_addresses),
+        )
+        return policy.decide(inp, self.config.policy)
+
+    async def _rewrite_and_queue(self, session, message: Message, pair: Pair, direction: Direction, raw: bytes, headers: ParsedHeaders, verdict) -> None:
+        seller: Seller = pair.seller
+        buyer: Buyer = pair.buyer
+        sender_side = "seller" if direction is Direction.SELLER_TO_BUYER else "buyer"
+
+        if direction is Direction.SELLER_TO_BUYER:
+            from_name = seller.business_name
+            from_alias = f"{pair.seller_alias}@{self.domain}"
+            to_address = buyer.email
+            banner = i18n.business_line(buyer.locale, seller.business_name)
+        else:
+            from_name = buyer.name or i18n.default_buyer_name(seller.locale)
+            from_alias = f"{pair.buyer_alias}@{self.domain}"
+            to_address = seller.support_email
+            banner = i18n.order_line(seller.locale, await store.pair_order_ids(session, pair))
+        real_addresses = await _sender_real_addresses(session, pair, direction)
+
+        mapped = await store.map_thread_ids(session, pair.id, sender_side, headers.references)
+        in_reply_to = await store.map_thread_ids(session, pair.id, sender_side, headers.in_reply_to)
+
+        relay_id = f"{message.queue_id.lower()}.{secrets.token_hex(6)}@{self.domain}"
+        spec = rewrite.RewriteSpec(
+            from_name=from_name,
+            from_address=from_alias,
+            to_address=to_address,
+            message_id=relay_id,
+            in_reply_to=in_reply_to,
+            references=_references_order(mapped, in_reply_to),
+            banner=banner,
+            sender_addresses=real_addresses,
+            received=self._received(message.queue_id),
+            strip_subject_tags=verdict.strip_subject_tag,
+        )
+        if len(raw) > REWRITE_IN_THREAD_BYTES:
+            delivered = await asyncio.to_thread(rewrite.rewrite, raw, spec)
+        else:
+            delivered = rewrite.rewrite(raw, spec)
+
+        message.relay_message_id = relay_id
+        message.delivered_raw = delivered
+        session.add(message)
+        await session.flush()
+
+        session.add(ThreadId(pair_id=pair.id, origin=sender_side, relay_id=relay_id, original_id=headers.message_id or "", message_id=message.id))
+        session.add(self._delivery(message, to_address, 0))
+
+    def _delivery(self, message: Message, recipient: str, index: int, null_sender: bool = False) -> Delivery:
+        sender = "" if null_sender else bounce.make_bounce_address(
+            self.config.relay.bounce_secret, self.domain, message.queue_id, index
+        )
+        return Delivery(message_id=message.id, recipient=recipient, envelope_sender=sender, next_attempt_at=utcnow())
+
+    def _received(self, queue_id: str) -> str:
+        # The sender's host and IP address are left out on purpose: they would reveal the other side.
+        stamp = format_datetime(datetime.now(timezone.utc))
+        return f"by {self.config.relay.hostname} (relaymail) with ESMTP id {queue_id}; {stamp}"
+
+    async def _maybe_notice(self, session, message: Message, pair: Pair, envelope, headers: ParsedHeaders, verdict) -> bool:
+        """Queue the blocked notice for a blocked message when the rules allow; return True if queued."""
+        from . import notice as notices
+
+        seller: Seller = pair.seller
+        if verdict.action != "block":
+            return False
+        if not notices.should_send_notice(
+            envelope.mail_from or "", headers.auto_submitted, seller.block_notice, automatic=verdict.automatic
+        ):
+            return False
+
+        notice_id = new_queue_id()
+        notice_from = self.config.relay.notice_address or f"notices@{self.domain}"
+        data = notices.build_blocked_notice(
+            seller_locale=seller.locale,
+            notice_from=notice_from,
+            to_address=headers.from_address,
+            domain=self.domain,
+            hostname=self.config.relay.hostname,
+            message_id=f"{notice_id.lower()}.{secrets.token_hex(6)}@{self.domain}",
+            original_subject=headers.subject,
+            original_date=_header_text(raw_headers_of(message.raw), "date"),
+            buyer_alias=f"{pair.buyer_alias}@{self.domain}",
+            order_id=message.order_id,
+            rule=verdict.rule,
+            reason_key=verdict.reason_key,
+            now=utcnow(),
+            original_message_id=headers.message_id,
+        )
+        row = Message(
+            queue_id=notice_id,
+            direction=Direction.NOTICE.value,
+            pair_id=pair.id,
+            seller_id=pair.seller_id,
+            buyer_id=pair.buyer_id,
+            parent_id=message.id,
+            envelope_sender="",
+            header_from=notice_from,
+            subject="blocked notice",
+            rule=verdict.rule,
+            raw=data,
+            delivered_raw=data,
+            size_bytes=len(data),
+        )
+        session.add(row)
+        await session.flush()
+        session.add(self._delivery(row, headers.from_address, 0, null_sender=True))
+        return True
+
+    async def _to_operators(self, queue_id, envelope, raw, headers, client) -> Outcome:
+        received = f"Received: {self._received(queue_id)}\r\n".encode()
+        async with self.store.session() as session:
+            message = _new_message(queue_id, envelope, raw, headers, None, Direction.TO_OPERATORS, client)
+            message.delivered_raw = received + raw
+            session.add(message)
+            await session.flush()
+            session.add(self._delivery(message, self.config.relay.operators_address, 0))
+            await session.commit()
+        self.on_queued()
+        log.info(fields(event="queued", direction="to_operators", size=len(raw), status="queued"))
+        return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
+
+    async def _bounce_report(self, queue_id, envelope, raw, headers, target: Target, client) -> Outcome:
+        # Reports are archived against the message they name and never forwarded to the other party.
+        async with self.store.session() as session:
+            parent = await store.message_by_queue_id(session, target.bounce_token.queue_id)
+            message = _new_message(queue_id, envelope, raw, headers, None, Direction.NOTICE, client)
+            message.status = MessageStatus.DELIVERED.value
+            message.rule = "bounce_report"
+            message.reason = f"report about delivery {target.bounce_token.index} of {target.bounce_token.queue_id}"
+            message.parent_id = parent.id if parent else None
+            message.pair_id = parent.pair_id if parent else None
+            session.add(message)
+            await session.commit()
+        log.info(fields(event="bounce_report", about=target.bounce_token.queue_id, status="archived"))
+        return Outcome(reply=f"250 2.0.0 Ok: report recorded as {queue_id}", queue_id=queue_id)
+
+    async def _archive_rejected(self, queue_id, envelope, raw, headers, rule, reason, client, pair=None, direction=None) -> None:
+        """Archive a message refused after DATA (best effort: a failure here must not change the reply)."""
+        try:
+            async with self.store.session() as session:
+                message = _new_message(queue_id, envelope, raw, headers, pair, direction or Direction.BUYER_TO_SELLER, client)
+                if direction is None:
+                    message.direction = "unknown"
+                message.status = MessageStatus.REJECTED.value
+                message.rule = rule
+                message.reason = reason
+                session.add(message)
+                await session.commit()
+        except Exception:  # noqa: BLE001 - archiving a rejected message is best effort
+            log.exception(fields(event="archive_failed"))
+
+
+def _new_message(queue_id, envelope, raw, headers: ParsedHeaders | None, pair: Pair | None, direction: Direction, client: str) -> Message:
+    return Message(
+        queue_id=queue_id,
+        direction=direction.value,
+        pair_id=pair.id if pair else None,
+        seller_id=pair.seller_id if pair else None,
+        buyer_id=pair.buyer_id if pair else None,
+        envelope_sender=(envelope.mail_from or "")[:320],
+        header_from=(headers.from_address or "")[:320] if headers else "",
+        recipient_alias=(envelope.rcpt_tos[0] if envelope.rcpt_tos else "")[:320],
+        client_address=client,
+        subject=headers.subject[:2000] if headers else "",
+        original_message_id=(headers.message_id or "")[:998] if headers else "",
+        status=MessageStatus.QUEUED.value,
+        raw=raw,
+        size_bytes=len(raw),
+        received_at=utcnow(),
+    )
+
+
+def _references_order(mapped: list[str], in_reply_to: list[str]) -> list[str]:
+    """Keep the References order of the original, then add In-Reply-To ids it lacked."""
+    ordered = [m for m in mapped if m not in in_reply_to]
+    for msgid in in_reply_to:
+        if msgid not in ordered:
+            ordered.append(msgid)
+    return ordered
+
+
+async def _sender_real_addresses(session, pair: Pair, direction: Direction) -> list[str]:
+    """Return the real addresses of the side that wrote the message."""
+    if direction is Direction.SELLER_TO_BUYER:
+        return await store.seller_addresses(session, pair.seller)
+    return [pair.buyer.email.lower()]
+
+
+async def _content(raw: bytes) -> tuple[str, tuple[policy.Attachment, ...]]:
+    """Return the decoded text of the text parts and the attachments, for the policy."""
+    if len(raw) > REWRITE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(policy_view, raw)
+    return policy_view(raw)
+
+
+def policy_view(raw: bytes) -> tuple[str, tuple[policy.Attachment, ...]]:
+    """Decode what the policy reads: text of the text parts, and each attachment's size and head."""
+    root = mime.parse(raw)
+    texts: list[str] = []
+    attachments: list[policy.Attachment] = []
+    _collect(root, texts, attachments)
+    return "\n".join(texts), tuple(attachments)
+
+
+def _collect(part: mime.Part, texts: list[str], attachments: list[policy.Attachment]) -> None:
+    if part.is_multipart:
+        for child in part.children:
+            _collect(child, texts, attachments)
+        return
+
+    payload = part.decoded_payload()
+    if part.is_text_part():
+        texts.append(_decode_text(payload, part.charset))
+        return
+    attachments.append(
+        policy.Attachment(
+            filename=part.filename or "",
+            content_type=part.content_type.lower(),
+            decoded_size=len(payload),
+            head=payload[: policy.SNIFF_BYTES],
+        )
+    )
+
+
+def _decode_text(payload: bytes, charset: str | None) -> str:
+    for codec in decoding_codecs(charset):
+        try:
+            return payload.decode(codec)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return payload.decode("utf-8", errors="replace")
+
+
+def raw_headers_of(raw: bytes) -> bytes:
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[: end + 2]
+
+
+def _header_text(header_block: bytes, name: str) -> str | None:
+    fields_, _, _ = split_fields(header_block)
+    found = first_field(fields_, name)
+    return found.value()[:200] if found else None
+
+
+def _peer(session) -> str:
+    peer = getattr(session, "peer", None)
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "-")
