@@ -1,7 +1,7 @@
 """Shared helpers for the header, MIME and rewrite tests: case inputs, corpus files, transport checks.
 
 The case inputs and the corpus live outside the repository, in the shared folder next
-to it; tests that need them skip when it is absent.
+to it. Tests that need them skip when that folder is absent.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 CASES = SHARED / "cases"
 CORPUS = SHARED / "corpus"
 
-MARKETPLACE_DOMAIN = "marketplace.example"
-BUYER_ALIAS = "t969vz2jn3bdsy7@marketplace.example"  # how the seller sees the buyer
-SELLER_ALIAS = "k7m2q9x4zr1c8nw@marketplace.example"  # how the buyer sees the seller
+BUYER_ALIAS = "t969vz2jn3bdsy7@marketplace.example"  # the address the seller writes to for the buyer
+SELLER_ALIAS = "k7m2q9x4zr1c8nw@marketplace.example"  # the address the buyer writes to for the seller
 BUYER_ADDRESS = "juan.perez@example.net"
 SELLER_ADDRESS = "ventas@example.com"
 COLLEAGUE_ADDRESS = "rosa.martinez@example.com"
@@ -104,8 +103,3 @@ def strict_qp_errors(body: bytes) -> list[bytes]:
     """Return each '=' not followed by two upper-case hex digits or CRLF."""
     return [match.group(0) for match in _STRICT_QP_ESCAPE.finditer(body)]
 
-
-def raw_part_bodies(data: bytes, boundary: bytes) -> list[bytes]:
-    """Return the raw header+body bytes of each part between `--boundary` lines (one level)."""
-    pieces = data.split(b"\r\n--" + boundary)
-    return [piece.split(b"\r\n", 1)[1] for piece in pieces[1:] if not piece.startswith(b"--")]

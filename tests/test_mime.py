@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 import pytest
@@ -283,8 +284,6 @@ def test_decoded_payload_table(encoding, body, decoded):
 
 def test_attachment_size_without_full_decode():
     payload = bytes(range(256)) * 400
-    import base64
-
     encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
     raw = b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n" + encoded
 

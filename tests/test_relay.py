@@ -27,9 +27,6 @@ from sqlalchemy import select
 
 from relaymail.models import Delivery, DeliveryAttempt, Message
 
-pytestmark = pytest.mark.asyncio
-
-
 @pytest.fixture
 async def env(tmp_path: Path):
     relay_env = await RelayEnv(tmp_path).start()

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import ssl
 import tomllib
+import urllib.parse
 import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +69,16 @@ class DeliverySection:
     mx_port: int = 25
     dns_nameservers: list[str] = field(default_factory=list)
     tls: str = "opportunistic"
+    # Recipient domain (or ".domain" for its subdomains) to a TLS mode, for the mx transport.
+    tls_policies: dict[str, str] = field(default_factory=dict)
+    tls_ca_file: str = ""
+    max_connections_per_destination: int = 10
+    connection_idle_s: float = 10.0
     workers: int = 20
     poll_interval_s: float = 1.0
     connect_timeout_s: float = 30.0
+    dns_timeout_s: float = 10.0
+    data_timeout_s: float = 600.0
     min_backoff_s: int = 300
     max_backoff_s: int = 3600
     max_queue_lifetime_s: int = 432000
@@ -80,6 +89,29 @@ class DeliverySection:
 @dataclass(frozen=True)
 class LogSection:
     level: str = "INFO"
+
+
+# Signed when present in the message. From is also signed once more than it
+# occurs ("oversigned"), so a From header added later breaks the signature.
+DKIM_DEFAULT_HEADERS = (
+    "From", "To", "Subject", "Date", "Message-ID", "In-Reply-To", "References",
+    "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Auto-Submitted",
+)
+
+
+@dataclass(frozen=True)
+class DkimSection:
+    """`[dkim]`: DKIM signing of outgoing mail (relaymail.dkim), off while `selector` is empty.
+
+    `domain` defaults to `[relay] domain`. `private_key_path` is read when the
+    relay starts, not when the file is loaded, so other commands keep working
+    for users who cannot read the key.
+    """
+
+    selector: str = ""
+    private_key_path: str = ""
+    domain: str = ""
+    headers: list[str] = field(default_factory=lambda: list(DKIM_DEFAULT_HEADERS))
 
 
 @dataclass(frozen=True)
@@ -120,6 +152,32 @@ class PolicySection:
 
 
 @dataclass(frozen=True)
+class HttpSection:
+    """`[http]`: the HTTP server inside `relaymail serve`.
+
+    It serves the back-office API under /api/v1 (bearer `api_token`; empty
+    turns the API off), /healthz, /metrics and the one-click pages that the
+    links in sellers' messages open. `public_url` is the base of those links
+    as sellers reach it. `link_secret` signs them; empty leaves the links out
+    of messages. A link expires `link_ttl_s` seconds after it was made.
+    """
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8025"
+    public_url: str = "http://127.0.0.1:8025"
+    api_token: str = ""
+    link_secret: str = ""
+    link_ttl_s: int = 30 * 86400
+
+
+@dataclass(frozen=True)
+class ArchiveSection:
+    """`[archive]`: how long messages are kept; `relaymail archive purge` removes older ones."""
+
+    retention_days: int = 730
+
+
+@dataclass(frozen=True)
 class Config:
     relay: RelaySection
     smtp: SmtpSection
@@ -127,6 +185,9 @@ class Config:
     delivery: DeliverySection
     log: LogSection
     policy: PolicySection = field(default_factory=PolicySection)
+    dkim: DkimSection = field(default_factory=DkimSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    archive: ArchiveSection = field(default_factory=ArchiveSection)
     path: Path | None = None
 
     @property
@@ -149,6 +210,9 @@ SECTIONS: dict[str, type] = {
     "delivery": DeliverySection,
     "log": LogSection,
     "policy": PolicySection,
+    "dkim": DkimSection,
+    "http": HttpSection,
+    "archive": ArchiveSection,
 }
 
 TRANSPORTS = ("maildir", "smarthost", "mx")
@@ -201,7 +265,9 @@ def from_dict(data: dict[str, Any], base_dir: Path, path: Path | None = None) ->
 
     config = Config(**sections, path=path)
     config = _resolve_paths(config, base_dir)
+    config = _resolve_dkim(config, base_dir)
     _check(config)
+    check_dkim(config.dkim)
     return config
 
 
@@ -242,6 +308,17 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key} = {value!r}: expected a list of strings")
         return value
+    if expected is dict:
+        # An unquoted dotted key (example.com = "x") parses as a nested table, so
+        # it fails here too; the hint says how to write it.
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(
+                f"{key} = {value!r}: expected a table of strings, for example "
+                '{ "name" = "value" }; quote keys that contain dots'
+            )
+        return dict(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{key} = {value!r}: expected a {_type_name(expected)}")
     if expected in (int, float) and value < 0:
@@ -265,6 +342,10 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     if maildir and not os.path.isabs(maildir):
         maildir = str(base_dir / maildir)
 
+    tls_ca_file = config.delivery.tls_ca_file
+    if tls_ca_file and not os.path.isabs(tls_ca_file):
+        tls_ca_file = str(base_dir / tls_ca_file)
+
     patterns_path = config.policy.extra_patterns_path
     if patterns_path and not os.path.isabs(patterns_path):
         patterns_path = str(base_dir / patterns_path)
@@ -272,8 +353,56 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return dataclasses.replace(
         config,
         database=dataclasses.replace(config.database, url=url),
-        delivery=dataclasses.replace(config.delivery, maildir=maildir),
+        delivery=dataclasses.replace(config.delivery, maildir=maildir, tls_ca_file=tls_ca_file),
         policy=dataclasses.replace(config.policy, extra_patterns_path=patterns_path),
+    )
+
+
+def _resolve_dkim(config: Config, base_dir: Path) -> Config:
+    dkim = config.dkim
+    key_path = dkim.private_key_path
+    if key_path and not os.path.isabs(key_path):
+        key_path = str(base_dir / key_path)
+    domain = dkim.domain or config.relay.domain
+    return dataclasses.replace(config, dkim=dataclasses.replace(dkim, private_key_path=key_path, domain=domain))
+
+
+# RFC 6376 section 5.4.1 advises against signing these, and dkimpy refuses to.
+DKIM_UNSIGNABLE_HEADERS = ("return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature")
+
+
+def check_dkim(dkim: DkimSection) -> None:
+    """Raise ConfigError unless the [dkim] values are valid (the key file is read later)."""
+    if bool(dkim.selector) != bool(dkim.private_key_path):
+        missing = "private_key_path" if dkim.selector else "selector"
+        raise ConfigError(
+            f"dkim.{missing}: expected both dkim.selector and dkim.private_key_path, or neither "
+            "(signing is off without them); create a key with `relaymail dkim keygen`"
+        )
+    if dkim.selector and not _is_selector(dkim.selector):
+        raise ConfigError(
+            f"dkim.selector = {dkim.selector!r}: expected one or more DNS labels of letters, "
+            "digits and \"-\" separated by dots, for example \"mail2024\""
+        )
+    if not _is_domain_name(dkim.domain):
+        raise ConfigError(f"dkim.domain = {dkim.domain!r}: expected a domain name such as \"marketplace.example\"")
+
+    names = [name.lower() for name in dkim.headers]
+    if "from" not in names:
+        raise ConfigError(f"dkim.headers = {dkim.headers!r}: expected a list that includes \"From\" (RFC 6376 requires it)")
+    for name in dkim.headers:
+        if not name or any(not 33 <= ord(ch) <= 126 or ch == ":" for ch in name):
+            raise ConfigError(f"dkim.headers: {name!r} is not a header field name")
+        if name.lower() in DKIM_UNSIGNABLE_HEADERS:
+            raise ConfigError(
+                f"dkim.headers: {name!r} must not be signed; leave out {', '.join(DKIM_UNSIGNABLE_HEADERS)}"
+            )
+
+
+def _is_selector(value: str) -> bool:
+    return all(
+        label and len(label) <= 63 and all(ch.isascii() and (ch.isalnum() or ch == "-") for ch in label)
+        for label in value.split(".")
     )
 
 
@@ -328,10 +457,21 @@ def _check(config: Config) -> None:
         split_host_port(delivery.smarthost, "delivery.smarthost")
     if delivery.tls not in TLS_MODES:
         raise ConfigError(f"delivery.tls = {delivery.tls!r}: expected one of {', '.join(TLS_MODES)}")
+    _check_tls_policies(delivery.tls_policies)
+    if delivery.tls_ca_file:
+        _check_ca_file(delivery.tls_ca_file)
     for server in delivery.dns_nameservers:
-        _check_nameserver(server)
+        parse_nameserver(server)
     if not 1 <= delivery.mx_port <= 65535:
         raise ConfigError(f"delivery.mx_port = {delivery.mx_port}: expected a port from 1 to 65535")
+    if delivery.max_connections_per_destination < 1:
+        raise ConfigError(
+            f"delivery.max_connections_per_destination = {delivery.max_connections_per_destination}: "
+            "expected at least 1"
+        )
+    for key in ("connect_timeout_s", "dns_timeout_s", "data_timeout_s"):
+        if getattr(delivery, key) <= 0:
+            raise ConfigError(f"delivery.{key} = {getattr(delivery, key)}: expected a number of seconds > 0")
     if delivery.workers < 1:
         raise ConfigError(f"delivery.workers = {delivery.workers}: expected at least 1")
     if delivery.max_backoff_s < delivery.min_backoff_s:
@@ -344,6 +484,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"log.level = {config.log.level!r}: expected one of {', '.join(LOG_LEVELS)}")
 
     check_policy(config.policy)
+    check_http(config.http)
+    check_archive(config.archive)
 
 
 def check_policy(policy: PolicySection) -> None:
@@ -406,17 +548,56 @@ def _is_domain_name(value: str) -> bool:
     )
 
 
-def _check_nameserver(value: str) -> None:
-    host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
-    host = host or value
+def _check_tls_policies(policies: dict[str, str]) -> None:
+    for domain, mode in policies.items():
+        if not _is_domain_name(domain.removeprefix(".")):
+            raise ConfigError(
+                f"delivery.tls_policies: {domain!r} is not a domain name; expected \"example.com\" "
+                "(that domain only) or \".example.com\" (its subdomains)"
+            )
+        if mode not in TLS_MODES:
+            raise ConfigError(
+                f"delivery.tls_policies: {domain!r} = {mode!r}: expected one of {', '.join(TLS_MODES)}"
+            )
+
+
+def _check_ca_file(path: str) -> None:
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"delivery.tls_ca_file = {path!r}: file not found; expected a PEM file of CA "
+            "certificates, or \"\" for the system CA store"
+        ) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"delivery.tls_ca_file = {path!r}: cannot load CA certificates from it: {exc}"
+        ) from None
+
+
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """Split a [delivery] dns_nameservers entry into (ip, port); the port defaults to 53.
+
+    Accepted forms: "192.0.2.1", "192.0.2.1:5353", "2001:db8::1" and "[2001:db8::1]:5353".
+    """
+    host, port = value, "53"
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            host = ""
+        port = rest[1:] if rest else "53"
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    try:
+        ipaddress.ip_address(host)
     except ValueError:
         raise ConfigError(
-            f"delivery.dns_nameservers: {value!r} is not an IP address; expected \"ip\" or \"ip:port\""
+            f"delivery.dns_nameservers: {value!r} is not an IP address; expected \"ip\", \"ip:port\" "
+            "or \"[ipv6]:port\""
         ) from None
-    if port and not port.isdigit():
-        raise ConfigError(f"delivery.dns_nameservers: {value!r} has an invalid port")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"delivery.dns_nameservers: {value!r} has an invalid port; expected 1 to 65535")
+    return host, int(port)
 
 
 def split_host_port(value: str, key: str) -> tuple[str, int]:
@@ -426,3 +607,42 @@ def split_host_port(value: str, key: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{key} = {value!r}: expected \"host:port\", for example \"127.0.0.1:2525\"")
     return host, int(port)
+
+
+MIN_SECRET_CHARS = 16
+
+
+def check_http(http: HttpSection) -> None:
+    """Raise ConfigError unless every [http] value is valid.
+
+    Port 0 in `listen` takes a free port from the system (for tests).
+    """
+    host, _, port = http.listen.rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"http.listen = {http.listen!r}: expected \"host:port\", for example \"127.0.0.1:8025\""
+        )
+
+    parsed = urllib.parse.urlsplit(http.public_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+        raise ConfigError(
+            f"http.public_url = {http.public_url!r}: expected the server's base URL as sellers "
+            "reach it, for example \"https://relay.marketplace.example\" (no query or fragment)"
+        )
+
+    for key in ("api_token", "link_secret"):
+        value = getattr(http, key)
+        if value and len(value) < MIN_SECRET_CHARS:
+            raise ConfigError(
+                f"http.{key}: expected empty (off) or a random string of at least "
+                f"{MIN_SECRET_CHARS} characters; generate one with: python3 -c "
+                "\"import secrets; print(secrets.token_hex(32))\""
+            )
+    if http.link_ttl_s < 60:
+        raise ConfigError(f"http.link_ttl_s = {http.link_ttl_s}: expected at least 60 seconds")
+
+
+def check_archive(archive: ArchiveSection) -> None:
+    """Raise ConfigError unless every [archive] value is valid."""
+    if archive.retention_days < 1:
+        raise ConfigError(f"archive.retention_days = {archive.retention_days}: expected at least 1")

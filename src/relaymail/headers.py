@@ -108,7 +108,7 @@ def split_fields(data: bytes, start: int = 0, end: int | None = None) -> tuple[l
     """Cut the header block that begins at `start` into fields.
 
     Returns (fields, headers_end, body_start). `headers_end` is the offset just after
-    the last header line; `body_start` is the offset of the first body byte, after the
+    the last header line. `body_start` is the offset of the first body byte, after the
     empty separator line when there is one. A continuation line before any field and a
     "From " line (mbox envelope) are skipped, as compat32 does. A line that is neither a
     field nor a continuation ends the block with no separator: the body starts there.
@@ -192,7 +192,7 @@ def unfold(value: str) -> str:
 def decode_words(value: str) -> str:
     """Decode the RFC 2047 encoded-words in an unfolded header value.
 
-    White space between two encoded-words is dropped, as RFC 2047 section 6.2 says.
+    White space between two encoded-words is dropped, as RFC 2047 section 6.2 requires.
     Adjacent words in the same charset are joined before decoding, so a character whose
     bytes were split between two words survives. A word in an unknown charset is read
     as UTF-8 with replacement characters; a word that is not valid base64 or Q stays as
@@ -323,9 +323,9 @@ _SPELLINGS = {
     "gb2312": "gb18030",
 }
 
-# Codecs that Python's registry finds for a label but that are not charsets.
+# Codecs that Python's registry finds for a label but that are not charsets, named with
+# '_' (codecs.lookup writes some of them with '-').
 _NOT_CHARSETS = {"idna", "punycode", "raw_unicode_escape", "unicode_escape", "undefined", "mbcs", "oem", "rot_13"}
-# (compared with '-' turned into '_', because codecs.lookup names some of them with '-')
 
 
 def clean_charset_label(label: str | None) -> str:
@@ -449,8 +449,8 @@ def judge_from(value: bytes) -> tuple[str | None, str | None]:
     if not _valid_mailbox(mailbox.username, mailbox.domain):
         return None, "cannot be parsed"
 
-    # Each '@' in the raw value must be the mailbox's own or inside the display name;
-    # one more means a parser skipped part of the value.
+    # Each '@' in the raw value must be the mailbox's own or inside the display name.
+    # One more means that a parser skipped part of the value.
     explained = 1 + mailbox.display_name.count("@")
     if text.count("@") > explained:
         return None, "cannot be parsed"

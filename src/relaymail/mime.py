@@ -2,10 +2,10 @@
 
 `parse(raw)` returns the root `Part`. Every part keeps offsets into the one `raw`
 buffer, so a caller can copy any part it does not change byte for byte, and no
-base64 body is decoded unless someone calls `Part.decoded_payload()`. Part headers are
-read with compat32 (`email.parser.HeaderParser`), which handles RFC 2231 parameters and
-their continuations; filenames written as an RFC 2047 encoded-word inside quotes are
-decoded too.
+base64 body is decoded unless someone calls `Part.decoded_payload()`. Content-Type and
+Content-Disposition parameters are read with compat32's `email.message.Message`, which
+handles RFC 2231 values and their continuations. Filenames written as an RFC 2047
+encoded-word inside quotes are decoded too.
 
 Multipart bodies are split at their boundary delimiter lines (RFC 2046 section 5.1.1).
 As in compat32's feed parser, a delimiter line is "--boundary", optionally "--", then
@@ -14,16 +14,19 @@ part gets the embedded message as its one child. Nothing here raises on malforme
 input; such a part becomes an opaque leaf and a note goes into `Part.defects`:
 - a multipart with no boundary parameter, no delimiter line, or a transfer encoding
   other than 7bit, 8bit or binary;
-- a part nested deeper than `MAX_DEPTH`, or any part after the first `MAX_PARTS`.
+- a part nested deeper than `MAX_DEPTH`, or a multipart whose parts would pass the
+  `MAX_PARTS` total.
 A missing closing delimiter is accepted: the last part runs to the end of its parent.
 
 `iter_attachments(raw)` lists what the attachment policy judges: every leaf that is not
 a text part, and every message/rfc822 part as one attachment (its contents are not
 listed).
 
-Limits: the walker does not read uuencoded or BinHex bodies inside a text part, and a
-boundary that is itself a prefix of "--" plus an inner boundary confuses it as it
-confuses compat32.
+Limits: uuencoded or BinHex data inside a text part is not recognised. RFC 2046 lets
+readers match only the start of a delimiter line, so a client may split a part where a
+line starts with the boundary and goes on with other text; the walker does not split
+there (as compat32 does not) and records a defect. An inner boundary that is the outer
+one plus "--" ends the outer multipart early, as in compat32.
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ class Part:
 
 @dataclass(frozen=True)
 class AttachmentInfo:
-    """One attachment as the attachment policy sees it."""
+    """One attachment, with what the attachment policy reads of it."""
 
     filename: str | None
     content_type: str
@@ -262,7 +265,11 @@ def _read_content_fields(part: Part, default_type: str) -> None:
 
 
 def _params_of(message: Message, header: str) -> list[tuple[str, str]]:
-    """Return [(value, ""), (name, value), ...] of a field, RFC 2231 values decoded; parameter names that are not tokens are dropped."""
+    """Return [(value, ""), (name, value), ...] for one field, with RFC 2231 values decoded.
+
+    Parameter names that are not RFC 2045 tokens are dropped, so none can carry a line
+    break into a field the rewriter rebuilds.
+    """
     params = message.get_params(failobj=[], header=header) or []
     if not params:
         return []

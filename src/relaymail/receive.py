@@ -33,8 +33,9 @@ from email.utils import format_datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import bounce, i18n, mime, policy, rewrite, store
+from . import bounce, i18n, mime, policy, provision, rewrite, store
 from .config import Config
+from .errors import InputError
 from .headers import ParsedHeaders, decoding_codecs, first_field, parse_headers, split_fields
 from .log import fields, set_queue_id
 from .models import Buyer, Delivery, Direction, Message, MessageStatus, Pair, Seller, SenderState, ThreadId, utcnow
@@ -279,6 +280,7 @@ class RelayHandler:
 
     async def _authorize(self, session: AsyncSession, pair: Pair, direction: Direction, sender: str) -> str | None:
         """Return why `sender` may not write through this alias, or None when it may."""
+        sender = _comparable_address(sender)
         if direction is Direction.BUYER_TO_SELLER:
             buyer = await session.get(Buyer, pair.buyer_id)
             if sender == buyer.email.lower():
@@ -304,7 +306,7 @@ class RelayHandler:
             direction=direction.value,
             subject=headers.subject,
             text=text,
-            envelope_sender=envelope.mail_from or "",
+            envelope_sender=_envelope_sender(envelope),
             auto_submitted=headers.auto_submitted,
             precedence=headers.precedence,
             looks_automatic=headers.looks_automatic,
@@ -386,7 +388,7 @@ class RelayHandler:
         if verdict.action != "block":
             return False
         if not notices.should_send_notice(
-            envelope.mail_from or "", headers.auto_submitted, seller.block_notice, automatic=verdict.automatic
+            _envelope_sender(envelope), headers.auto_submitted, seller.block_notice, automatic=verdict.automatic
         ):
             return False
 
@@ -479,7 +481,7 @@ def _new_message(queue_id, envelope, raw, headers: ParsedHeaders | None, pair: P
         pair_id=pair.id if pair else None,
         seller_id=pair.seller_id if pair else None,
         buyer_id=pair.buyer_id if pair else None,
-        envelope_sender=(envelope.mail_from or "")[:320],
+        envelope_sender=_envelope_sender(envelope)[:320],
         header_from=(headers.from_address or "")[:320] if headers else "",
         recipient_alias=(envelope.rcpt_tos[0] if envelope.rcpt_tos else "")[:320],
         client_address=client,
@@ -562,6 +564,20 @@ def _header_text(header_block: bytes, name: str) -> str | None:
     fields_, _, _ = split_fields(header_block)
     found = first_field(fields_, name)
     return found.value()[:200] if found else None
+
+
+def _envelope_sender(envelope) -> str:
+    """Return MAIL FROM's address, "" for the null sender (aiosmtpd keeps it as "<>")."""
+    sender = envelope.mail_from or ""
+    return "" if sender == "<>" else sender
+
+
+def _comparable_address(address: str) -> str:
+    """Return `address` as provisioning stores it (lower case, IDNA domain), else lower-cased."""
+    try:
+        return provision.normalize_address(address, "From address")
+    except InputError:
+        return address.lower()
 
 
 def _peer(session) -> str:

@@ -15,8 +15,8 @@ the sender's fields only this allowlist survives, each taken from its first occu
   non-ASCII parameters); Content-Language: reduced to its language tags;
 - Auto-Submitted, Precedence, Importance, Priority, X-Priority, X-MSMail-Priority,
   Sensitivity: reduced to their first keyword, so no comment or parameter can carry an
-  address; X-Auto-Response-Suppress: reduced to its keywords (it asks Exchange not to
-  answer, which helps stop auto-reply loops).
+  address; X-Auto-Response-Suppress: reduced to its keywords (it requests that
+  Exchange send no automatic reply, which helps stop auto-reply loops).
 Everything else is dropped: Received, Return-Path, Sender, Reply-To, Cc, Bcc, DKIM and
 ARC signatures, List-*, Resent-*, X-* and the rest. Thread-Topic and Thread-Index are
 dropped too, because they repeat the sender's subject and conversation outside the
@@ -24,9 +24,10 @@ rewriting rules. Values that go into new fields have CR and LF removed, so an en
 line break can never become a header line (CVE-2024-6923).
 
 Text parts (text/plain and text/html that are not attachments, outside
-multipart/signed, multipart/encrypted and message/rfc822) are decoded, the sender's
-addresses are replaced by the alias (also when written with HTML character references
-such as &#64; or &commat;, or percent-encoded), and the banner line goes first: in
+multipart/signed, multipart/encrypted and message/rfc822) are decoded, so addresses
+split by quoted-printable soft breaks are whole again; the sender's addresses are
+replaced by the alias (also when written with HTML character references such as &#64;
+or &commat;, or percent-encoded), and the banner line goes first: in
 text/plain as its own line ending with a hard line break, in text/html as a <div> right
 after the <body> tag. A changed text part keeps its charset when the charset can encode
 it, else becomes UTF-8; HTML gets the banner as ASCII character references, so it
@@ -50,7 +51,8 @@ no change are copied byte for byte. In a part that does need a transport fix:
   Content-Disposition that cannot be refolded are rebuilt; other such fields are dropped;
 - a boundary longer than 70 characters (the RFC 2046 limit) is replaced.
 These fixes also apply inside signed parts, where they break the signature; senders
-that follow RFC 1847 never need them.
+that follow RFC 1847 never need them. Bodies declared 8bit and raw 8-bit bytes in the
+header fields of MIME parts pass unchanged, so the next hop must accept 8BITMIME.
 
 Raises ValueError when `spec` holds an invalid value (a name with control characters,
 an address that is not an ASCII addr-spec, a msg-id with spaces); callers validate
@@ -68,7 +70,7 @@ import functools
 import hashlib
 import html
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 
 from . import mime
@@ -106,7 +108,10 @@ _ADDR_SPEC = re.compile(
     r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+"
 )
 _MSGID = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+")  # printable ASCII without '<' and '>'
-_PLAIN_PHRASE = re.compile(r"[A-Za-z0-9'_-]+(?: [A-Za-z0-9'_-]+)*")
+# A display-name word written as a plain atom: atext without '=' and '?', so it can
+# never look like an encoded-word, and short enough for one line.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9!#$%&'*+/^_`{|}~-]{1,60}")
+_PHRASE_WORD_MAX = FOLD_AT - len("From: ")  # so "From: " plus one encoded-word fits in 78
 _Q_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 _SUBJECT_TAG = re.compile(r"\s*\[(?:importante|important)\]", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -134,7 +139,7 @@ class RewriteError(MessageError):
 
 @dataclass
 class RewriteSpec:
-    """What the recipient must see instead of the sender's identity."""
+    """The identity, threading and added line that one rewritten message shows its recipient."""
 
     from_name: str  # display name for From: a business name, or the buyer's name or "Comprador"
     from_address: str  # the alias shown in From; also replaces the sender's real addresses
@@ -158,7 +163,7 @@ class _Content:
 
 
 class _LineCheck:
-    """Where the raw message breaks the transport rules (bare CR or LF, lines over 998 octets)."""
+    """Offsets in the raw message that break the transport rules (bare CR or LF, lines over 998 octets)."""
 
     def __init__(self, source: bytes):
         self.bad: list[tuple[int, int]] = []
@@ -248,7 +253,7 @@ def rewrite(raw: bytes, spec: RewriteSpec) -> bytes:
     if not output.endswith(b"\r\n"):
         output += b"\r\n"
 
-    _check_leaks(context, header_block)
+    _check_leaks(context, _without_to_field(header_block))
     _check_transport(output, header_block)
     return output
 
@@ -284,7 +289,7 @@ def _validate_line(name: str, value: str) -> None:
 
 def _render_part(part: Part, context: _Context, mode: str) -> bytes | None:
     """Return a non-root part's new bytes, or None when its raw bytes can be sent as they are."""
-    if mode != _ATTACHED and (part.children or part.is_text_part()):
+    if mode != _ATTACHED and (part.is_multipart or part.is_text_part()):
         context.record("the header of a MIME part", part.raw_headers)
     content = _render_content(part, context, mode)
     if content is None and context.is_clean(part.start, part.body_start):
@@ -435,7 +440,7 @@ def _render_text(part: Part, context: _Context) -> _Content | None:
         return _render_undecodable_text(part, context, data, was_base64)
 
     new_text = context.replace_text(text)
-    if context.spec.banner is not None:
+    if context.spec.banner and context.spec.banner.strip():
         new_text = _add_banner(new_text, part, context.spec.banner)
     context.record("a text part", new_text)
     if new_text == text and context.is_clean(part.body_start, part.end):
@@ -551,10 +556,13 @@ def _encode_quoted_printable(data: bytes) -> tuple[bytes, bytes]:
     CRLF in `data` becomes a hard line break; a lone CR or LF is escaped (=0D, =0A), so
     the decoded bytes equal `data`. binascii.b2a_qp uses "=\\n" soft breaks when its
     input has no CRLF, so each line is encoded on its own and the soft breaks are
-    turned into "=\\r\\n".
+    turned into "=\\r\\n". Data that does not end in CRLF gets a final soft break, so
+    the body ends in CRLF without adding a line break to the decoded text.
     """
     lines = data.split(b"\r\n")
     encoded = b"\r\n".join(binascii.b2a_qp(line, istext=False).replace(b"\n", b"\r\n") for line in lines)
+    if encoded and not encoded.endswith(b"\r\n"):
+        encoded += b"=\r\n"
     return encoded, b"Content-Transfer-Encoding: quoted-printable\r\n"
 
 
@@ -663,36 +671,77 @@ def _top_fields(root: Part, content: _Content | None, context: _Context) -> list
 def format_from(name: str, address: str) -> bytes:
     """Return a From field with one mailbox whose display name decodes to exactly `name`.
 
-    A name of plain words that fits on one line is written as is. Any other name is
-    written as RFC 2047 encoded-words (UTF-8, Q encoding limited to the characters RFC
-    2047 section 5 allows in a phrase), one per folded line, so a comma, quote or '@'
-    in it can never split the field into two mailboxes. Raises ValueError for a name
-    with control characters or an address that is not an ASCII addr-spec.
+    Words made only of letters, digits and a few safe symbols are written as plain
+    atoms. Every other run of words, spaces included, becomes UTF-8 encoded-words. Their
+    Q encoding allows only the characters RFC 2047 section 5 permits in a phrase, so a
+    comma, quote or '@' in the name can never split the field into two mailboxes.
+    Folding happens only at the spaces between tokens, which the name has anyway.
+
+    Plain atoms also keep encoded-words apart: Python 3.11.7's policy.default turns the
+    white space between two adjacent encoded-words of a display name into a space,
+    where RFC 2047 section 6.2 says to drop it. A run with no plain word in it that is
+    too long for one encoded-word still needs adjacent words, and there the two
+    readings differ (see `_phrase_tokens`). That parser also collapses runs of spaces
+    in a display name, which RFC 2047 readers keep.
+
+    Raises ValueError for a name with control characters or an address that is not an
+    ASCII addr-spec.
     """
     _validate_line("from_name", name)
     if not _ADDR_SPEC.fullmatch(address):
         raise ValueError(f"from_address {address!r} is not an ASCII addr-spec with a dotted domain")
     if not name:
         return f"From: {address}\r\n".encode("ascii")
-    if _PLAIN_PHRASE.fullmatch(name) and len(f"From: {name} <{address}>") <= FOLD_AT:
-        return f"From: {name} <{address}>\r\n".encode("ascii")
 
-    words = _encoded_words(name, first_room=FOLD_AT - len("From: "))
-    lines = ["From: " + words[0]] + [" " + word for word in words[1:]]
-    if len(lines[-1]) + len(address) + 3 <= FOLD_AT:
-        lines[-1] += f" <{address}>"
-    else:
-        lines.append(f" <{address}>")
+    lines = ["From:"]
+    for token in _phrase_tokens(name) + [f"<{address}>"]:
+        if lines[-1] != "From:" and len(lines[-1]) + 1 + len(token) > FOLD_AT:
+            lines.append(" " + token)
+        else:
+            lines[-1] += " " + token
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _phrase_tokens(name: str) -> list[str]:
+    """Split a display name into plain atoms and encoded-words, joined by single spaces when written.
+
+    A plain atom must sit between single spaces, so the words next to a double,
+    leading or trailing space are encoded together with it ("_" keeps each space).
+    NOTE: a run of non-plain words longer than one encoded-word (about 20 CJK
+    characters) is split into adjacent encoded-words. RFC 2047 readers decode it
+    exactly; Python 3.11.7's policy.default shows a space at each split.
+    """
+    words = name.split(" ")
+    plain = [bool(_PLAIN_WORD.fullmatch(word)) for word in words]
+    for index, word in enumerate(words):
+        if not word:
+            for neighbour in (index - 1, index + 1):
+                if 0 <= neighbour < len(words):
+                    plain[neighbour] = False
+
+    tokens: list[str] = []
+    run: list[str] = []
+    for word, is_plain in zip(words, plain):
+        if not is_plain:
+            run.append(word)
+            continue
+        if run:
+            tokens.extend(_encoded_words(" ".join(run), _PHRASE_WORD_MAX, _PHRASE_WORD_MAX))
+            run = []
+        tokens.append(word)
+    if run:
+        tokens.extend(_encoded_words(" ".join(run), _PHRASE_WORD_MAX, _PHRASE_WORD_MAX))
+    return tokens
 
 
 def format_unstructured(name: str, text: str) -> bytes:
     """Return an unstructured field (such as Subject) that decodes to `text`, 7-bit and folded.
 
-    CR, LF and other control characters become spaces. Printable ASCII without "=?" is
-    folded at white space; anything else is written as UTF-8 encoded-words.
+    CR, LF and other control characters become spaces, and leading and trailing white
+    space is removed. Printable ASCII without "=?" is folded at white space; anything
+    else is written as UTF-8 encoded-words.
     """
-    text = _CONTROL.sub(" ", text).replace("\t", " ")
+    text = _CONTROL.sub(" ", text).replace("\t", " ").strip()
     if not text:
         return f"{name}:\r\n".encode("ascii")
     if text.isascii() and "=?" not in text:
@@ -705,7 +754,7 @@ def format_unstructured(name: str, text: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
-def _encoded_words(text: str, first_room: int) -> list[str]:
+def _encoded_words(text: str, first_room: int, room_after: int = 75) -> list[str]:
     """Split `text` into UTF-8 encoded-words of at most 75 characters, never splitting a character.
 
     White space between encoded-words is ignored when decoding, so spaces are encoded
@@ -728,7 +777,7 @@ def _encoded_words(text: str, first_room: int) -> list[str]:
         if current and encoded_size > room:
             words.append(_finish_word(prefix, current, use_base64))
             current, new_size = [], piece_size
-            room = 75 - overhead
+            room = min(75, room_after) - overhead
         current.append(piece)
         size = new_size
     if current:
@@ -927,7 +976,20 @@ def _check_leaks(context: _Context, header_block: bytes) -> None:
         lowered = material.lower()
         for form in context.leak_forms:
             if form in lowered:
-                raise RewriteError(f"a sender address would remain in {where}, which the relay may not change")
+                raise RewriteError(
+                    f"a sender address would remain in {where}, which the relay may not change; "
+                    "the sender must remove it from that part and send the message again"
+                )
+
+
+def _without_to_field(header_block: bytes) -> bytes:
+    """Return the header block without the To field, which holds the recipient's own address.
+
+    A sender address can be a substring of the recipient's address, and showing the
+    recipient their own address reveals nothing.
+    """
+    lines = header_block.split(b"\r\n")
+    return b"\r\n".join(line for line in lines if not line.lower().startswith(b"to:"))
 
 
 def _check_transport(output: bytes, header_block: bytes) -> None:
