@@ -6,6 +6,7 @@ to it. Tests that need them skip when that folder is absent.
 
 from __future__ import annotations
 
+import codecs
 import re
 from email import policy
 from email.message import EmailMessage
@@ -25,6 +26,7 @@ SELLER_ADDRESS = "ventas@example.com"
 COLLEAGUE_ADDRESS = "rosa.martinez@example.com"
 
 _STRICT_QP_ESCAPE = re.compile(rb"=(?![0-9A-F]{2}|\r\n)")
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?=")
 
 
 def case_input(name: str) -> bytes:
@@ -62,6 +64,23 @@ def transport_problems(data: bytes) -> list[str]:
     longest = max(map(len, data.split(b"\r\n")))
     if longest > 998:
         problems.append(f"line of {longest} octets")
+    return problems
+
+
+def header_problems(data: bytes) -> list[str]:
+    """Return what breaks the 7-bit header rule: 8-bit bytes, encoded-words over 75 characters or in unknown charsets."""
+    block = header_block(data)
+    problems = []
+    if not block.isascii():
+        problems.append("8-bit bytes in the header")
+    for word in _ENCODED_WORD.findall(block.decode("ascii", "replace")):
+        if len(word) > 75:
+            problems.append(f"encoded-word of {len(word)} characters")
+        charset = word[2:].split("?", 1)[0].split("*", 1)[0]
+        try:
+            codecs.lookup(charset)
+        except LookupError:
+            problems.append(f"encoded-word in unknown charset {charset!r}")
     return problems
 
 

@@ -104,6 +104,12 @@ def test_from_too_long_rejected():
     assert parsed.from_error == "cannot be parsed"
 
 
+def test_from_huge_value_rejected():
+    parsed = parse_headers(message("From: " + "a" * 20000 + "@example.com"))
+
+    assert parsed.from_error == "cannot be parsed"
+
+
 def test_judge_from_takes_raw_bytes():
     assert judge_from(b" Ventas <ventas@example.com>") == ("ventas@example.com", None)
 

@@ -576,3 +576,33 @@ async def test_case_17_long_line_reencoded(env: RelayEnv, shared_dir: Path):
     head, tail = original_html.split(b"<body>", 1)
     assert decoded.startswith(head + b"<body>")
     assert decoded.endswith(tail)
+
+
+async def test_signed_part_with_address_rejected(env: RelayEnv):
+    data = (
+        f"From: Juan <{BUYER}>\r\nTo: {SELLER_ALIAS}\r\nSubject: Firmado\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/signed; protocol="application/pgp-signature"; micalg=pgp-sha256; boundary="s1"\r\n\r\n'
+        f"--s1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nEscríbame a {BUYER}.\r\n"
+        "--s1\r\nContent-Type: application/pgp-signature\r\n\r\n-----BEGIN PGP SIGNATURE-----\r\nAAAA\r\n-----END PGP SIGNATURE-----\r\n"
+        "--s1--\r\n"
+    ).encode()
+
+    outcome = await env.send(BUYER, [SELLER_ALIAS], data)
+    await asyncio.sleep(0.3)
+
+    assert outcome.code == 554
+    assert outcome.text.startswith("5.7.1")
+    assert "signed" in outcome.text
+    assert env.sink.messages == []
+    statuses = [m.status for m in await env.messages()]
+    assert statuses == ["rejected"]
+
+
+async def test_rejected_sender_archived(env: RelayEnv):
+    outcome = await env.send("other@example.org", [SELLER_ALIAS], simple_message("other@example.org", SELLER_ALIAS))
+
+    messages = await env.messages()
+    assert outcome.code == 550
+    assert [m.status for m in messages] == ["rejected"]
+    assert messages[0].rule == "sender"
+    assert messages[0].pair_id is not None

@@ -306,14 +306,14 @@ def _split_multipart(part: Part, counter: list[int], max_depth: int) -> None:
         part.defects.append("boundary with non-ASCII characters; kept as one opaque part")
         return
 
-    delimiters = _find_delimiters(part.source, marker, part.body_start, part.end)
+    delimiters, loose_line_seen = _find_delimiters(part.source, marker, part.body_start, part.end)
     if not delimiters or delimiters[0][2]:
         part.defects.append("no delimiter line for the boundary; kept as one opaque part")
         return
     if counter[0] + len(delimiters) > MAX_PARTS:
         part.defects.append(f"more than {MAX_PARTS} parts; kept as one opaque part")
         return
-    if _has_loose_delimiter(part.source, marker, part.body_start, part.end, delimiters):
+    if loose_line_seen:
         # RFC 2046 lets readers match only the start of a delimiter line, so some mail
         # clients split here where this walker (and compat32) does not.
         part.defects.append("a line starts with the boundary but has more text after it")
@@ -332,32 +332,24 @@ def _split_multipart(part: Part, counter: list[int], max_depth: int) -> None:
         part.defects.append("no closing delimiter; the last part runs to the end")
 
 
-def _has_loose_delimiter(
-    source: bytes, marker: bytes, start: int, end: int, delimiters: list[tuple[int, int, bool]]
-) -> bool:
-    """Return True when a line starting with `marker` is not one of the delimiters found."""
-    strict_markers = {line_end for _line_start, line_end, _is_close in delimiters}
-    total = source.count(b"\n" + marker, start, end) + source.count(b"\r" + marker, start, end)
-    total += source.startswith(marker, start, end)
-    # Each strict delimiter line after the first is counted once by the searches above
-    # (CRLF counts as "\n"); the first may sit at `start` with no line break before it.
-    return total > len(strict_markers)
+def _find_delimiters(
+    source: bytes, marker: bytes, start: int, end: int
+) -> tuple[list[tuple[int, int, bool]], bool]:
+    """Return the delimiter lines in source[start:end], and whether a line only starts like one.
 
-
-def _find_delimiters(source: bytes, marker: bytes, start: int, end: int) -> list[tuple[int, int, bool]]:
-    """Return (line_start, line_end, is_close) of each delimiter line in source[start:end].
-
-    line_start includes the line break before the delimiter (it belongs to the
-    delimiter, RFC 2046 section 5.1.1); line_end is after the delimiter's own line break.
-    Stops after the closing delimiter.
+    Each delimiter is (line_start, line_end, is_close). line_start includes the line
+    break before the delimiter, which belongs to it (RFC 2046 section 5.1.1); line_end
+    is after the delimiter's own line break. The search stops after the closing
+    delimiter.
     """
     found: list[tuple[int, int, bool]] = []
+    loose_line_seen = False
     previous_end = start
     pos = start
     while True:
         index = source.find(marker, pos, end)
         if index < 0:
-            return found
+            return found, loose_line_seen
 
         if index == start:
             line_start = index
@@ -383,12 +375,13 @@ def _find_delimiters(source: bytes, marker: bytes, start: int, end: int) -> list
         elif source[cursor] in (0x0D, 0x0A):
             line_end = cursor + 1
         else:
+            loose_line_seen = True
             pos = index + 1
             continue
 
         found.append((line_start, line_end, is_close))
         if is_close:
-            return found
+            return found, loose_line_seen
         previous_end = line_end
         pos = line_end
 

@@ -46,6 +46,11 @@ REWRITE_IN_THREAD_BYTES = 256 * 1024
 OPERATOR_LOCAL_PARTS = ("postmaster", "abuse")
 
 REPLY_INTERNAL = "451 4.3.0 Temporary local problem; please try again later"
+REPLY_UNREWRITABLE = (
+    "554 5.7.1 Message rejected: it cannot be forwarded without revealing a sender address in a part "
+    "that must not be changed (a signed or encrypted part, or a part header); remove the address "
+    "or send the message unsigned"
+)
 REPLY_BARE_EOL = (
     "554 5.5.2 Message rejected: it contains a bare CR or LF; "
     "end every line with CRLF and send it again"
@@ -238,7 +243,6 @@ class RelayHandler:
             pair = await session.get(Pair, pair.id)
             denial = await self._authorize(session, pair, direction, headers.from_address)
             if denial is not None:
-                await session.rollback()
                 await self._archive_rejected(queue_id, envelope, raw, headers, "sender", denial, client, pair, direction)
                 return self._reject(queue_id, f"550 5.7.1 {denial}", "sender")
 
@@ -247,7 +251,6 @@ class RelayHandler:
                 log.info(fields(event="defer", rule=verdict.rule, status=f"deferred ({verdict.reply})"))
                 return Outcome(reply=verdict.reply, queue_id=queue_id)
             if verdict.action == "reject":
-                await session.rollback()
                 await self._archive_rejected(queue_id, envelope, raw, headers, verdict.rule, verdict.reason, client, pair, direction)
                 return self._reject(queue_id, verdict.reply, verdict.rule)
 
@@ -271,7 +274,11 @@ class RelayHandler:
                     self.on_queued()
                 return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
 
-            await self._rewrite_and_queue(session, message, pair, direction, raw, headers, verdict)
+            try:
+                await self._rewrite_and_queue(session, message, pair, direction, raw, headers, verdict)
+            except rewrite.RewriteError as exc:
+                await self._archive_rejected(queue_id, envelope, raw, headers, "rewrite", str(exc), client, pair, direction)
+                return self._reject(queue_id, REPLY_UNREWRITABLE, "rewrite")
             await session.commit()
 
         self.on_queued()

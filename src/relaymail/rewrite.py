@@ -168,9 +168,8 @@ class _LineCheck:
     def __init__(self, source: bytes):
         self.bad: list[tuple[int, int]] = []
         self.starts: list[int] = []
-        if source.count(b"\n") == source.count(b"\r\n") == source.count(b"\r"):
-            if max(map(len, source.split(b"\r\n"))) <= MAX_LINE_OCTETS:
-                return
+        if transport_clean(source):
+            return
 
         line_start = 0
         for match in _LINE_BREAK.finditer(source):
@@ -343,7 +342,7 @@ def _render_multipart(part: Part, context: _Context, mode: str) -> _Content | No
     ):
         return None
 
-    boundary = _fresh_boundary(part, children) if needs_new_boundary else None
+    boundary = _fresh_boundary(part, [preamble, epilogue, *children]) if needs_new_boundary else None
     pieces = [preamble]
     for (start, end), child_bytes in zip(part.delimiters, children):
         pieces.append(_delimiter(context.source[start:end], boundary, close=False))
@@ -383,13 +382,13 @@ def _delimiter(raw: bytes, boundary: str | None, close: bool) -> bytes:
     return lead + b"--" + boundary.encode("ascii") + (b"--" if close else b"") + trail
 
 
-def _fresh_boundary(part: Part, children: list[bytes]) -> str:
-    """Return a boundary that occurs in none of the part's children."""
+def _fresh_boundary(part: Part, pieces: list[bytes]) -> str:
+    """Return a boundary that occurs in none of `pieces` (the part's new preamble, epilogue and children)."""
     digest = hashlib.sha256(part.raw_body).hexdigest()
     for attempt in range(1000):
         candidate = f"=_relaymail_{digest[:24]}_{attempt}"
         marker = b"--" + candidate.encode("ascii")
-        if not any(marker in child for child in children):
+        if not any(marker in piece for piece in pieces):
             return candidate
     raise RewriteError("no unused MIME boundary found for a multipart part")
 
@@ -996,7 +995,16 @@ def _check_transport(output: bytes, header_block: bytes) -> None:
     """Raise RewriteError unless every line ends in CRLF, fits 998 octets, and the header is 7-bit."""
     if not header_block.isascii():
         raise RewriteError("the rewritten header is not 7-bit")
-    if not output.count(b"\n") == output.count(b"\r\n") == output.count(b"\r"):
-        raise RewriteError("the rewritten message has a bare CR or LF")
-    if not _lines_fit(output):
-        raise RewriteError(f"the rewritten message has a line over {MAX_LINE_OCTETS} octets")
+    if not transport_clean(output):
+        raise RewriteError(
+            f"the rewritten message has a bare CR or LF, or a line over {MAX_LINE_OCTETS} octets"
+        )
+
+
+def transport_clean(data: bytes) -> bool:
+    """Return True when every line break in `data` is CRLF and no line exceeds 998 octets."""
+    lines = data.split(b"\r\n")
+    line_breaks = len(lines) - 1
+    if data.count(b"\n") != line_breaks or data.count(b"\r") != line_breaks:
+        return False
+    return max(map(len, lines)) <= MAX_LINE_OCTETS
