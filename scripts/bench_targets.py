@@ -214,21 +214,32 @@ def stop_process(process: subprocess.Popen, grace: float = 10.0) -> None:
         process.wait(timeout=5)
 
 
-def stop_pid(pid: int, grace: float = 10.0) -> None:
-    """End a daemon this script started but is not the parent of (the Postfix master)."""
+def running_command(pid: int) -> str | None:
+    """Return the command name of a live process, or None if it is gone or a zombie."""
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, _, rest = stat.partition("(")[2].rpartition(")")
+    return None if rest.split()[0] == "Z" else name
+
+
+def stop_pid(pid: int, expected_command: str, grace: float = 10.0) -> None:
+    """End a daemon this script started but is not the parent of (the Postfix master).
+
+    Signals it only while its command name is still `expected_command`, so a
+    recycled PID is left alone.
+    """
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if running_command(pid) != expected_command:
             return
-        time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and running_command(pid) == expected_command:
+            time.sleep(0.1)
 
 
 # --- sink -------------------------------------------------------------------
@@ -349,10 +360,10 @@ class PostfixInstance:
             raise HarnessError(f"{POSTFIX_TEMPLATES / name}: markers without a value: {leftover}")
         return text
 
-    def _postfix(self, *args: str) -> subprocess.CompletedProcess:
+    def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(
             [self.postfix, "-c", str(self.config_dir), *args],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, timeout=timeout,
         )
 
     def start(self) -> None:
@@ -391,11 +402,11 @@ class PostfixInstance:
         if not (self.config_dir / "main.cf").exists():
             return
         try:
-            self._postfix("stop")
+            self._postfix("stop", timeout=15)
         except subprocess.TimeoutExpired:
             pass
         if self.master_pid is not None:
-            stop_pid(self.master_pid)
+            stop_pid(self.master_pid, "master")
 
 
 # --- relaymail --------------------------------------------------------------

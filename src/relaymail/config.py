@@ -310,7 +310,7 @@ def _coerce(key: str, value: Any, spec: dataclasses.Field) -> Any:
         return value
     if expected is dict:
         # An unquoted dotted key (example.com = "x") parses as a nested table, so
-        # it fails here too; the hint says how to write it.
+        # it fails here too, and the message shows how to quote it.
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
@@ -379,7 +379,7 @@ def check_dkim(dkim: DkimSection) -> None:
             f"dkim.{missing}: expected both dkim.selector and dkim.private_key_path, or neither "
             "(signing is off without them); create a key with `relaymail dkim keygen`"
         )
-    if dkim.selector and not _is_selector(dkim.selector):
+    if dkim.selector and not is_selector(dkim.selector):
         raise ConfigError(
             f"dkim.selector = {dkim.selector!r}: expected one or more DNS labels of letters, "
             "digits and \"-\" separated by dots, for example \"mail2024\""
@@ -399,7 +399,8 @@ def check_dkim(dkim: DkimSection) -> None:
             )
 
 
-def _is_selector(value: str) -> bool:
+def is_selector(value: str) -> bool:
+    """Return True if `value` has the form of a DKIM selector: dot-separated DNS labels."""
     return all(
         label and len(label) <= 63 and all(ch.isascii() and (ch.isalnum() or ch == "-") for ch in label)
         for label in value.split(".")
@@ -537,9 +538,9 @@ def check_policy(policy: PolicySection) -> None:
             raise ConfigError(f"policy.extra_patterns_path = {policy.extra_patterns_path!r}: {exc}") from None
 
 
-def _is_domain_name(value: str) -> bool:
+def _is_domain_name(value: str, min_labels: int = 2) -> bool:
     labels = value.rstrip(".").split(".")
-    if len(labels) < 2:
+    if len(labels) < min_labels:
         return False
     return all(
         label and len(label) <= 63 and not label.startswith("-") and not label.endswith("-")
@@ -550,7 +551,8 @@ def _is_domain_name(value: str) -> bool:
 
 def _check_tls_policies(policies: dict[str, str]) -> None:
     for domain, mode in policies.items():
-        if not _is_domain_name(domain.removeprefix(".")):
+        # ".gov" (every domain under a top-level domain) is valid; a bare "gov" is not.
+        if not _is_domain_name(domain.removeprefix("."), min_labels=1 if domain.startswith(".") else 2):
             raise ConfigError(
                 f"delivery.tls_policies: {domain!r} is not a domain name; expected \"example.com\" "
                 "(that domain only) or \".example.com\" (its subdomains)"
@@ -624,10 +626,13 @@ def check_http(http: HttpSection) -> None:
         )
 
     parsed = urllib.parse.urlsplit(http.public_url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+    # The URL goes into text and HTML parts of messages as it is, so it must be plain ASCII
+    # without spaces, quotes or angle brackets (an IDN host goes in its xn-- form).
+    plain = all(33 <= ord(char) < 127 and char not in "\"'<>" for char in http.public_url)
+    if not plain or parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
         raise ConfigError(
             f"http.public_url = {http.public_url!r}: expected the server's base URL as sellers "
-            "reach it, for example \"https://relay.marketplace.example\" (no query or fragment)"
+            "reach it, for example \"https://relay.marketplace.example\" (ASCII, no query or fragment)"
         )
 
     for key in ("api_token", "link_secret"):

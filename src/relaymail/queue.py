@@ -44,6 +44,9 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 
+CLAIM_BATCH_WAIT_S = 0.005
+
+
 def node_id() -> str:
     """Return an id for this relay process, used to mark claimed rows."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -100,7 +103,9 @@ class QueueManager:
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=self.config.delivery.poll_interval_s)
             except asyncio.TimeoutError:
-                pass
+                continue
+            # Let messages accepted at about the same time share one claim transaction.
+            await asyncio.sleep(CLAIM_BATCH_WAIT_S)
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -131,7 +136,7 @@ class QueueManager:
 
 
 async def release_all_claims(store: Store) -> None:
-    async with store.session() as session:
+    async with store.writing(durable=False) as session:
         await session.execute(
             update(Delivery)
             .where(Delivery.claimed_by.is_not(None))
@@ -148,7 +153,7 @@ async def claim_due(store: Store, node: str, limit: int, lease_s: int) -> list[C
         Delivery.next_attempt_at <= now,
         or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),
     )
-    async with store.session() as session:
+    async with store.writing(durable=False) as session:
         query = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(limit)
         if not store.is_sqlite:
             query = query.with_for_update(skip_locked=True)
@@ -175,11 +180,15 @@ async def claim_due(store: Store, node: str, limit: int, lease_s: int) -> list[C
 async def deliver_one(config: Config, store: Store, transport: Transport, delivery_id: int) -> str:
     """Make one attempt for a claimed row and record it; return the AttemptResult value."""
     async with store.session() as session:
-        delivery = await session.get(Delivery, delivery_id)
-        message = await session.get(Message, delivery.message_id)
-        data = message.delivered_raw or b""
-        sender, recipient, created_at = delivery.envelope_sender, delivery.recipient, delivery.created_at
-        recipient_ref = f"delivery:{delivery.id}"
+        row = (
+            await session.execute(
+                select(Delivery.envelope_sender, Delivery.recipient, Delivery.created_at, Message.delivered_raw)
+                .join(Message, Message.id == Delivery.message_id)
+                .where(Delivery.id == delivery_id)
+            )
+        ).one()
+    sender, recipient, created_at, data = row.envelope_sender, row.recipient, row.created_at, row.delivered_raw or b""
+    recipient_ref = f"delivery:{delivery_id}"
 
     started = utcnow()
     try:
@@ -207,7 +216,7 @@ async def _record_failure(config, store, delivery_id, exc, started, created_at, 
 async def _record(config: Config, store: Store, delivery_id: int, started: datetime, result: AttemptResult, host: str, code: int | None, text: str) -> None:
     """Store one attempt and move the row (and its message) to the next state."""
     now = utcnow()
-    async with store.session() as session:
+    async with store.writing(durable=False) as session:
         delivery = await session.get(Delivery, delivery_id)
         delivery.attempts += 1
         delivery.claimed_by = None
@@ -248,7 +257,7 @@ async def _update_message_status(session, message_id: int) -> None:
 async def record_crash(config: Config, store: Store, delivery_id: int) -> None:
     """Count a crash of the delivery code; hold the row after too many."""
     now = utcnow()
-    async with store.session() as session:
+    async with store.writing(durable=False) as session:
         delivery = await session.get(Delivery, delivery_id)
         if delivery is None:
             return
@@ -302,7 +311,7 @@ async def list_deliveries(store: Store, include_final: bool = False) -> list[dic
 
 async def flush(store: Store) -> int:
     """Make every queued row due now; return how many rows changed."""
-    async with store.session() as session:
+    async with store.writing() as session:
         result = await session.execute(
             update(Delivery)
             .where(Delivery.state == DeliveryState.QUEUED.value)

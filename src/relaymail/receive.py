@@ -265,10 +265,12 @@ class RelayHandler:
 
             if verdict.action in ("block", "suppress"):
                 message.status = MessageStatus.BLOCKED.value if verdict.action == "block" else MessageStatus.SUPPRESSED.value
-                session.add(message)
-                await session.flush()
-                notice = await self._maybe_notice(session, message, pair, envelope, headers, verdict)
-                await session.commit()
+                await session.commit()  # ends the read transaction before taking the writer lock
+                async with self.store.write_lock():
+                    session.add(message)
+                    await session.flush()
+                    notice = await self._maybe_notice(session, message, pair, envelope, headers, verdict)
+                    await session.commit()
                 log.info(fields(event=verdict.action, rule=verdict.rule, notice=notice, status=f"{verdict.action} ({verdict.reason})"))
                 if notice:
                     self.on_queued()
@@ -279,7 +281,6 @@ class RelayHandler:
             except rewrite.RewriteError as exc:
                 await self._archive_rejected(queue_id, envelope, raw, headers, "rewrite", str(exc), client, pair, direction)
                 return self._reject(queue_id, REPLY_UNREWRITABLE, "rewrite")
-            await session.commit()
 
         self.on_queued()
         log.info(fields(event="queued", direction=direction.value, pair=pair.id, size=len(raw), status="queued"))
@@ -370,11 +371,15 @@ class RelayHandler:
 
         message.relay_message_id = relay_id
         message.delivered_raw = delivered
-        session.add(message)
-        await session.flush()
+        pair_id = pair.id
+        await session.commit()  # ends the read transaction before taking the writer lock
 
-        session.add(ThreadId(pair_id=pair.id, origin=sender_side, relay_id=relay_id, original_id=headers.message_id or "", message_id=message.id))
-        session.add(self._delivery(message, to_address, 0))
+        async with self.store.write_lock():
+            session.add(message)
+            await session.flush()
+            session.add(ThreadId(pair_id=pair_id, origin=sender_side, relay_id=relay_id, original_id=headers.message_id or "", message_id=message.id))
+            session.add(self._delivery(message, to_address, 0))
+            await session.commit()
 
     def _delivery(self, message: Message, recipient: str, index: int, null_sender: bool = False) -> Delivery:
         sender = "" if null_sender else bounce.make_bounce_address(
@@ -439,7 +444,7 @@ class RelayHandler:
 
     async def _to_operators(self, queue_id, envelope, raw, headers, client) -> Outcome:
         received = f"Received: {self._received(queue_id)}\r\n".encode()
-        async with self.store.session() as session:
+        async with self.store.writing() as session:
             message = _new_message(queue_id, envelope, raw, headers, None, Direction.TO_OPERATORS, client)
             message.delivered_raw = received + raw
             session.add(message)
@@ -468,7 +473,7 @@ class RelayHandler:
     async def _archive_rejected(self, queue_id, envelope, raw, headers, rule, reason, client, pair=None, direction=None) -> None:
         """Archive a message refused after DATA (best effort: a failure here must not change the reply)."""
         try:
-            async with self.store.session() as session:
+            async with self.store.writing() as session:
                 message = _new_message(queue_id, envelope, raw, headers, pair, direction or Direction.BUYER_TO_SELLER, client)
                 if direction is None:
                     message.direction = "unknown"

@@ -15,13 +15,15 @@ from an unreachable database propagate.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import secrets
 import string
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from .errors import NotFoundError
@@ -32,36 +34,80 @@ ALIAS_LENGTH = 15
 
 
 class Store:
-    """One async engine and its session factory."""
+    """The async engines and session factories of one database.
+
+    `session()` gives a session for reads and for writes that must be durable
+    when `commit()` returns (the receive path). `writing()` serialises writers:
+    SQLite allows one writer at a time, and waiting on an asyncio lock is much
+    cheaper than SQLite's busy handler, which sleeps up to 100 ms between
+    retries. `writing(durable=False)` is for queue bookkeeping (claims, attempt
+    records) that a crash may lose without losing mail: on SQLite it uses a
+    second engine with `synchronous=NORMAL`, which survives a process crash but
+    not a power loss; on PostgreSQL it turns `synchronous_commit` off for that
+    transaction. A lost record means at most a repeated delivery attempt.
+    """
 
     def __init__(self, url: str, echo: bool = False):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        kwargs: dict = {"echo": echo}
-        if self.is_sqlite:
-            kwargs["connect_args"] = {"timeout": 30}
-        else:
-            kwargs["pool_size"] = 10
-            kwargs["max_overflow"] = 10
-            kwargs["pool_pre_ping"] = True
-        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        if self.is_sqlite:
-            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.engine: AsyncEngine = _create_engine(url, echo, synchronous="FULL")
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        if self.is_sqlite:
+            self.relaxed_engine = _create_engine(url, echo, synchronous="NORMAL")
+            self.relaxed_sessions = async_sessionmaker(self.relaxed_engine, expire_on_commit=False)
+        else:
+            self.relaxed_engine = self.engine
+            self.relaxed_sessions = self.sessions
+        self._write_lock = asyncio.Lock()
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions() as session:
             yield session
 
+    @asynccontextmanager
+    async def write_lock(self) -> AsyncIterator[None]:
+        """Hold the SQLite writer lock (a no-op on PostgreSQL, whose writers do not block each other)."""
+        if not self.is_sqlite:
+            yield
+            return
+        async with self._write_lock:
+            yield
+
+    @asynccontextmanager
+    async def writing(self, durable: bool = True) -> AsyncIterator[AsyncSession]:
+        """Yield a session for one write transaction, holding the writer lock; the caller commits."""
+        factory = self.sessions if durable else self.relaxed_sessions
+        async with self.write_lock():
+            async with factory() as session:
+                if not durable and not self.is_sqlite:
+                    await session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+                yield session
+
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.relaxed_engine is not self.engine:
+            await self.relaxed_engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+def _create_engine(url: str, echo: bool, synchronous: str) -> AsyncEngine:
+    kwargs: dict = {"echo": echo}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 30}
+    else:
+        kwargs["pool_size"] = 10
+        kwargs["max_overflow"] = 10
+        kwargs["pool_pre_ping"] = True
+    engine = create_async_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        event.listen(engine.sync_engine, "connect", functools.partial(_sqlite_pragmas, synchronous=synchronous))
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection, connection_record, synchronous: str = "FULL") -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
@@ -233,9 +279,23 @@ async def policy_facts(session: AsyncSession, pair: Pair, direction: str, header
     from . import policy
     from .models import Message
 
-    thread_reply = False
-    if direction == "seller_to_buyer":
-        thread_reply = await names_buyer_message(session, pair.id, headers.in_reply_to + headers.references)
+    automatic_since = now - timedelta(seconds=policy_config.automatic_window_s)
+    automatic_passed = await session.scalar(
+        select(func.count())
+        .select_from(Message)
+        .where(
+            Message.pair_id == pair.id,
+            Message.direction == direction,
+            Message.automatic.is_(True),
+            Message.status.in_(COUNTED_STATUSES),
+            Message.received_at >= automatic_since,
+        )
+    )
+    if direction != "seller_to_buyer":
+        # Only the automatic-message cap applies to buyer-to-seller mail.
+        return PolicyFacts(False, False, 0, 0, bool(automatic_passed))
+
+    thread_reply = await names_buyer_message(session, pair.id, headers.in_reply_to + headers.references)
 
     recent_since = now - timedelta(days=policy_config.critical_order_days)
     has_recent_order = bool(
@@ -261,19 +321,6 @@ async def policy_facts(session: AsyncSession, pair: Pair, direction: str, header
     window_since = now - timedelta(days=policy_config.order_window_days)
     orders_recent = await session.scalar(
         select(func.count()).select_from(Order).where(Order.seller_id == pair.seller_id, Order.placed_at >= window_since)
-    )
-
-    automatic_since = now - timedelta(seconds=policy_config.automatic_window_s)
-    automatic_passed = await session.scalar(
-        select(func.count())
-        .select_from(Message)
-        .where(
-            Message.pair_id == pair.id,
-            Message.direction == direction,
-            Message.automatic.is_(True),
-            Message.status.in_(COUNTED_STATUSES),
-            Message.received_at >= automatic_since,
-        )
     )
 
     return PolicyFacts(
