@@ -606,3 +606,31 @@ async def test_rejected_sender_archived(env: RelayEnv):
     assert [m.status for m in messages] == ["rejected"]
     assert messages[0].rule == "sender"
     assert messages[0].pair_id is not None
+
+
+async def test_delivered_mail_dkim_signed(tmp_path: Path):
+    import dkim as dkimpy
+
+    from relaymail import dkim
+
+    key = dkim.generate_key(2048)
+    key_path = tmp_path / "dkim.key"
+    dkim.write_key(key_path, key)
+    record = dkim.dns_record("s2026", "marketplace.example", key)
+    published = record.value
+    relay_env = RelayEnv(tmp_path, extra=f'\n[dkim]\nselector = "s2026"\nprivate_key_path = "{key_path}"\n')
+    await relay_env.start()
+    try:
+        outcome = await relay_env.send(BUYER, [SELLER_ALIAS], simple_message(BUYER, SELLER_ALIAS, body="Hola."))
+        received = await relay_env.sink.wait_for(1)
+    finally:
+        await relay_env.stop()
+
+    def dns_lookup(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"s2026._domainkey.marketplace.example."
+        return published.encode()
+
+    assert outcome.code == 250
+    assert received[0].data.startswith(b"DKIM-Signature:")
+    assert dkimpy.verify(received[0].data, dnsfunc=dns_lookup)
+    assert not dkimpy.verify(received[0].data.replace(b"Hola.", b"Hola!"), dnsfunc=dns_lookup)

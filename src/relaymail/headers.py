@@ -362,15 +362,20 @@ def decoding_codecs(label: str | None) -> tuple[str, ...]:
     """Return the codecs to try, in order, to decode text labelled `label`.
 
     The superset of the label (or the codec of its corrected spelling) comes first,
-    then the exact codec, then UTF-8. A missing label means US-ASCII, read as UTF-8.
+    then the exact codec, then UTF-8. A charset that is not ASCII-compatible (UTF-16,
+    UTF-32) gets its own codec only. A missing label means US-ASCII, read as UTF-8.
     """
     label = clean_charset_label(label)
     candidates: list[str] = []
 
+    exact = exact_codec(label)
+    if exact and not _ascii_compatible(exact):
+        # UTF-16 and UTF-32 text read as UTF-8 would come out as text broken by NUL characters.
+        return (exact,)
+
     superset = _SUPERSETS.get(label) or _SPELLINGS.get(re.sub(r"[-_. ]", "", label))
     if superset:
         candidates.append(superset)
-    exact = exact_codec(label)
     if exact:
         candidates.append(exact)
     if superset == "cp1252":
@@ -383,6 +388,14 @@ def decoding_codecs(label: str | None) -> tuple[str, ...]:
         if codec not in ordered:
             ordered.append(codec)
     return tuple(ordered)
+
+
+@functools.lru_cache(maxsize=64)
+def _ascii_compatible(codec: str) -> bool:
+    try:
+        return "ascii text\n".encode(codec) == b"ascii text\n"
+    except (LookupError, UnicodeError):
+        return False
 
 
 # --- message ids -------------------------------------------------------------

@@ -25,6 +25,7 @@ reaches the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from email.utils import format_datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import bounce, i18n, mime, policy, provision, rewrite, store
+from . import bounce, dkim, i18n, mime, policy, provision, rewrite, store
 from .config import Config
 from .errors import InputError
 from .headers import ParsedHeaders, decoding_codecs, first_field, parse_headers, split_fields
@@ -95,6 +96,9 @@ class RelayHandler:
         self.store = db
         self.on_queued = on_queued or (lambda: None)
         self.domain = config.relay.domain.lower()
+        # Created here so that an unreadable key stops `relaymail serve` at start.
+        self.signer = dkim.Signer.from_config(config)
+        self._locks: dict[tuple[str, object], list] = {}  # key -> [lock, tasks using it]
 
     # --- session hooks ----------------------------------------------------
 
@@ -239,7 +243,12 @@ class RelayHandler:
             await self._archive_rejected(queue_id, envelope, raw, headers, "from_header", f"From header {headers.from_error}", client, pair, direction)
             return self._reject(queue_id, reply, "from header")
 
-        async with self.store.session() as session:
+        # Counters the policy reads (messages today, automatic messages in the window) must not
+        # change between the read and the insert, so messages of one seller (seller to buyer) or
+        # one pair (buyer to seller) are judged one at a time.
+        # NOTE: the lock is per process; relays sharing PostgreSQL can still pass a few extra messages.
+        key = ("seller", pair.seller_id) if direction is Direction.SELLER_TO_BUYER else ("pair", pair.id)
+        async with self._serialised(key), self.store.session() as session:
             pair = await session.get(Pair, pair.id)
             denial = await self._authorize(session, pair, direction, headers.from_address)
             if denial is not None:
@@ -368,6 +377,7 @@ class RelayHandler:
             delivered = await asyncio.to_thread(rewrite.rewrite, raw, spec)
         else:
             delivered = rewrite.rewrite(raw, spec)
+        delivered = await self._sign(delivered)
 
         message.relay_message_id = relay_id
         message.delivered_raw = delivered
@@ -380,6 +390,26 @@ class RelayHandler:
             session.add(ThreadId(pair_id=pair_id, origin=sender_side, relay_id=relay_id, original_id=headers.message_id or "", message_id=message.id))
             session.add(self._delivery(message, to_address, 0))
             await session.commit()
+
+    @contextlib.asynccontextmanager
+    async def _serialised(self, key: tuple[str, object]):
+        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[key]
+
+    async def _sign(self, data: bytes) -> bytes:
+        """Add a DKIM-Signature for the marketplace domain when a key is configured."""
+        if self.signer is None:
+            return data
+        if len(data) > REWRITE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(self.signer.sign, data)
+        return self.signer.sign(data)
 
     def _delivery(self, message: Message, recipient: str, index: int, null_sender: bool = False) -> Delivery:
         sender = "" if null_sender else bounce.make_bounce_address(
@@ -422,6 +452,7 @@ class RelayHandler:
             now=utcnow(),
             original_message_id=headers.message_id,
         )
+        data = await self._sign(data)
         row = Message(
             queue_id=notice_id,
             direction=Direction.NOTICE.value,
