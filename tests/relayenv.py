@@ -66,6 +66,10 @@ connect_timeout_s = 5
 {extra}""",
         encoding="utf-8",
     )
+    if "[http]" not in extra:
+        # The HTTP server of `relaymail serve` would otherwise take the fixed default port.
+        with path.open("a", encoding="utf-8") as config_file:
+            config_file.write(f'\n[http]\nlisten = "127.0.0.1:{free_port()}"\n')
     return path
 
 

@@ -7,7 +7,10 @@
     relaymail buyer opt-out|opt-in ID
     relaymail pair show --buyer ID --seller ID [--buyer-alias A --seller-alias A]
     relaymail order add --id ID --buyer ID --seller ID --status STATUS [--placed-at DATE]
-    relaymail queue list|flush
+    relaymail queue list|show|flush|hold|release|delete|requeue   (relaymail.cli_queue)
+    relaymail dkim keygen|record                                  (relaymail.cli_dkim)
+    relaymail messages list|show|no-response-needed|report|export (relaymail.cli_records)
+    relaymail orders --alias ADDR | stats response-time | archive purge   (relaymail.cli_records)
     relaymail db upgrade|current|revision
 
 Every command reads the configuration from `--config PATH`, else from the file
@@ -47,7 +50,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import config as config_module
-from . import db, log, provision
+from . import cli_dkim, cli_queue, cli_records, db, log, provision
 from .config import Config
 from .errors import ConfigError, InputError, RelaymailError, StoreError
 from .models import ORDER_STATUSES, Buyer, Order, Seller, SellerSender
@@ -368,7 +371,7 @@ def cmd_db_revision(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-# --- server and queue, written elsewhere -----------------------------------
+# --- server, written elsewhere -------------------------------------------
 
 
 def _import_stage(module_name: str) -> ModuleType:
@@ -385,26 +388,6 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     server = _import_stage("relaymail.server")
     status = server.run(config)
     return status if isinstance(status, int) else 0
-
-
-def cmd_queue_list(args: argparse.Namespace, config: Config) -> int:
-    queue = _import_stage("relaymail.queue")
-    deliveries = run_with_store(config, queue.list_deliveries)
-
-    if getattr(args, "json", False):
-        emit(args, {"count": len(deliveries), "deliveries": deliveries})
-        return 0
-    for delivery in deliveries:
-        print(" ".join(f"{key}={_human_value(value)}" for key, value in delivery.items()))
-    print(f"count={len(deliveries)}")
-    return 0
-
-
-def cmd_queue_flush(args: argparse.Namespace, config: Config) -> int:
-    queue = _import_stage("relaymail.queue")
-    count = run_with_store(config, queue.flush)
-    emit(args, {"made_due": count})
-    return 0
 
 
 # --- parser ----------------------------------------------------------------
@@ -441,7 +424,9 @@ def build_parser() -> ArgumentParser:
     _add_seller_commands(commands, with_json)
     _add_buyer_commands(commands, with_json)
     _add_pair_and_order_commands(commands, with_json)
-    _add_queue_commands(commands, with_json)
+    cli_queue.register(commands, with_json)
+    cli_dkim.register(commands, with_json)
+    cli_records.register(commands, with_json)
     _add_db_commands(commands, with_json)
     return parser
 
@@ -577,17 +562,6 @@ def _add_pair_and_order_commands(
         "offset is given (new orders: now)",
     )
     add.set_defaults(handler=cmd_order_add)
-
-
-def _add_queue_commands(commands: argparse._SubParsersAction, with_json: ArgumentParser) -> None:
-    queue = commands.add_parser("queue", help="inspect the delivery queue")
-    queue_commands = queue.add_subparsers(dest="queue_command", metavar="COMMAND", required=True)
-    listing = queue_commands.add_parser("list", parents=[with_json], help="list queued deliveries")
-    listing.set_defaults(handler=cmd_queue_list)
-    flush = queue_commands.add_parser(
-        "flush", parents=[with_json], help="make every queued delivery due now"
-    )
-    flush.set_defaults(handler=cmd_queue_flush)
 
 
 def _add_db_commands(commands: argparse._SubParsersAction, with_json: ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from . import log as log_module
 from .config import Config
 from .deliver import Transport, make_transport
 from .errors import ConfigError
+from .http import HttpServer, start_http
 from .log import fields
 from .queue import QueueManager
 from .receive import RelayHandler
@@ -72,6 +73,7 @@ class Relay:
         self.run_queue = run_queue
         self.server: asyncio.AbstractServer | None = None
         self.queue_task: asyncio.Task | None = None
+        self.http: HttpServer | None = None
         self.connections: dict[str, int] = {}
         self.port: int = 0
 
@@ -120,6 +122,7 @@ class Relay:
         host, port = self.config.listen_host, self.config.listen_port
         self.server = await loop.create_server(self._protocol, host=host, port=port)
         self.port = self.server.sockets[0].getsockname()[1]
+        self.http = await start_http(self.config, self.store)
         if self.run_queue:
             self.queue_task = asyncio.create_task(self.queue.run(), name="queue-manager")
         log.info(fields(event="listening", address=f"{host}:{self.port}", domain=self.config.relay.domain))
@@ -134,6 +137,8 @@ class Relay:
             self.queue_task.cancel()
             await asyncio.gather(self.queue_task, return_exceptions=True)
         await self.transport.close()
+        if self.http is not None:
+            await self.http.stop()
         await self.store.close()
         log.info(fields(event="stopped"))
 

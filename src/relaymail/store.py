@@ -23,11 +23,18 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from sqlalchemy import event, func, select, text
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from .errors import NotFoundError
 from .models import Buyer, Order, Pair, Seller, SellerSender, SenderState, ThreadId
+
+T = TypeVar("T")
 
 ALIAS_ALPHABET = string.ascii_lowercase + string.digits
 ALIAS_LENGTH = 15
@@ -59,6 +66,38 @@ class Store:
             self.relaxed_engine = self.engine
             self.relaxed_sessions = self.sessions
         self._write_lock = asyncio.Lock()
+        if self.is_sqlite:
+            sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+            self._sync_sessions = sessionmaker(_create_sync_engine(sync_url, "FULL"), expire_on_commit=False)
+            self._sync_relaxed_sessions = sessionmaker(_create_sync_engine(sync_url, "NORMAL"), expire_on_commit=False)
+            self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relaymail-db-read")
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaymail-db-write")
+
+    async def run(self, unit: Callable[[Session], T], *, write: bool = False, durable: bool = True) -> T:
+        """Run `unit(session)`, a synchronous unit of work, in one round trip; return its result.
+
+        The mail path's queries go through here, so that a message costs a few
+        hand-offs to the database rather than one per statement. On SQLite the
+        unit runs on a thread with a plain sqlite3 connection; on PostgreSQL it
+        runs through `AsyncSession.run_sync` on the asyncpg connection. A write
+        unit holds the writer lock and is committed before this returns
+        (durable or not, as for `writing()`). Units return plain data, because
+        their session is closed afterwards.
+        """
+        if not self.is_sqlite:
+            context = self.writing(durable) if write else self.session()
+            async with context as session:
+                result = await session.run_sync(unit)
+                if write:
+                    await session.commit()
+                return result
+
+        loop = asyncio.get_running_loop()
+        factory = self._sync_sessions if durable else self._sync_relaxed_sessions
+        if not write:
+            return await loop.run_in_executor(self._readers, _run_unit, factory, unit, False)
+        async with self._write_lock:
+            return await loop.run_in_executor(self._writer, _run_unit, factory, unit, True)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -88,6 +127,25 @@ class Store:
         await self.engine.dispose()
         if self.relaxed_engine is not self.engine:
             await self.relaxed_engine.dispose()
+        if self.is_sqlite:
+            self._readers.shutdown(wait=True)
+            self._writer.shutdown(wait=True)
+            for factory in (self._sync_sessions, self._sync_relaxed_sessions):
+                factory.kw["bind"].dispose()
+
+
+def _run_unit(factory: sessionmaker, unit: Callable[[Session], T], write: bool) -> T:
+    with factory() as session:
+        result = unit(session)
+        if write:
+            session.commit()
+        return result
+
+
+def _create_sync_engine(url, synchronous: str):
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=4, max_overflow=4)
+    event.listen(engine, "connect", functools.partial(_sqlite_pragmas, synchronous=synchronous))
+    return engine
 
 
 def _create_engine(url: str, echo: bool, synchronous: str) -> AsyncEngine:
