@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import email
+import email.policy
 import json
 import logging
 import re
@@ -656,3 +658,25 @@ def test_http_config_invalid(section, fragment):
 
 def test_http_config_port_zero_allowed():
     assert load_config(http={"listen": "127.0.0.1:0"}).http.listen == "127.0.0.1:0"
+
+
+async def test_delivered_message_links_work(http_env: HttpEnv):
+    queue_id = await send_buyer_message(http_env, subject="Talla del pedido")
+    delivered = http_env.relay_env.sink.messages[-1].data
+    parsed = email.message_from_bytes(delivered, policy=email.policy.default)
+    plain = parsed.get_body(("plain",)).get_content()
+    urls = re.findall(r"http://127\.0\.0\.1:\d+/links/[a-z-]+/\S+", plain)
+    no_response_url = next(u for u in urls if "/no-response-needed/" in u)
+
+    status, page, _ = await http_env.page("GET", no_response_url)
+    before = await stored(http_env, queue_id)
+    post_status, _, _ = await http_env.page("POST", no_response_url)
+    after = await stored(http_env, queue_id)
+
+    assert len(urls) == 2
+    assert any("/report/" in u for u in urls)
+    assert status == 200
+    assert "<form" in page
+    assert before.no_response_needed_at is None
+    assert post_status == 200
+    assert after.no_response_needed_at is not None

@@ -34,7 +34,7 @@ from email.utils import format_datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import bounce, dkim, i18n, mime, policy, provision, rewrite, store
+from . import bounce, dkim, i18n, links, mime, policy, provision, rewrite, store
 from .config import Config
 from .errors import InputError
 from .headers import ParsedHeaders, decoding_codecs, first_field, parse_headers, split_fields
@@ -350,11 +350,13 @@ class RelayHandler:
             from_alias = f"{pair.seller_alias}@{self.domain}"
             to_address = buyer.email
             banner = i18n.business_line(buyer.locale, seller.business_name)
+            banner_links = []
         else:
             from_name = buyer.name or i18n.default_buyer_name(seller.locale)
             from_alias = f"{pair.buyer_alias}@{self.domain}"
             to_address = seller.support_email
             banner = i18n.order_line(seller.locale, await store.pair_order_ids(session, pair))
+            banner_links = links.seller_links(self.config, message.queue_id, seller.locale)
         real_addresses = await _sender_real_addresses(session, pair, direction)
 
         mapped = await store.map_thread_ids(session, pair.id, sender_side, headers.references)
@@ -372,6 +374,7 @@ class RelayHandler:
             sender_addresses=real_addresses,
             received=self._received(message.queue_id),
             strip_subject_tags=verdict.strip_subject_tag,
+            banner_links=banner_links,
         )
         if len(raw) > REWRITE_IN_THREAD_BYTES:
             delivered = await asyncio.to_thread(rewrite.rewrite, raw, spec)

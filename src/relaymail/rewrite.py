@@ -70,7 +70,7 @@ import functools
 import hashlib
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 
 from . import mime
@@ -151,6 +151,8 @@ class RewriteSpec:
     sender_addresses: list[str]  # the sender's real addresses, replaced by from_address
     received: str | None = None  # value of a Received field added on top, already formatted
     strip_subject_tags: bool = False  # remove "[Importante]" and "[Important]" from Subject
+    # (label, ASCII URL) pairs shown under the banner: the seller's one-click links.
+    banner_links: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -269,6 +271,10 @@ def _validate_spec(spec: RewriteSpec) -> None:
                 raise ValueError(f"{name}: {msgid!r} is not a msg-id (printable ASCII without '<', '>' or spaces)")
     if spec.banner is not None:
         _validate_line("banner", spec.banner)
+    for label, url in spec.banner_links:
+        _validate_line("banner link label", label)
+        if not url.isascii() or _LINE_CONTROL.search(url) or " " in url or '"' in url:
+            raise ValueError("banner link URL must be ASCII without spaces, quotes or controls")
     if spec.received is not None:
         _validate_line("received", spec.received)
         if not spec.received.isascii():
@@ -440,7 +446,7 @@ def _render_text(part: Part, context: _Context) -> _Content | None:
 
     new_text = context.replace_text(text)
     if context.spec.banner and context.spec.banner.strip():
-        new_text = _add_banner(new_text, part, context.spec.banner)
+        new_text = _add_banner(new_text, part, context.spec.banner, context.spec.banner_links)
     context.record("a text part", new_text)
     if new_text == text and context.is_clean(part.body_start, part.end):
         return None
@@ -516,22 +522,30 @@ def _ascii_compatible(codec: str) -> bool:
         return False
 
 
-def _add_banner(text: str, part: Part, banner: str) -> str:
+def _add_banner(text: str, part: Part, banner: str, links: list[tuple[str, str]] = ()) -> str:
     banner = banner.strip()
     if part.content_type == "text/html":
-        return _add_html_banner(text, banner)
+        return _add_html_banner(text, banner, links)
 
+    lines = [banner] + [f"{label.strip()}: {url}" for label, url in links]
     # A flowed line that starts with a space, ">" or "From " must be space-stuffed (RFC 3676).
-    if part.param("format") == "flowed" and banner.startswith((">", "From ")):
-        banner = " " + banner
+    if part.param("format") == "flowed":
+        lines = [" " + line if line.startswith((">", "From ")) else line for line in lines]
     newline = "\n" if "\n" in text and "\r\n" not in text else "\r\n"
-    return banner + newline + text
+    return newline.join(lines) + newline + text
 
 
-def _add_html_banner(text: str, banner: str) -> str:
+def _ascii_html(text: str) -> str:
+    escaped = html.escape(text, quote=False)
+    return "".join(char if ord(char) < 128 else f"&#{ord(char)};" for char in escaped)
+
+
+def _add_html_banner(text: str, banner: str, links: list[tuple[str, str]] = ()) -> str:
     """Insert the banner as a <div> after <body>, else after </head> or <html>, else first."""
-    escaped = html.escape(banner, quote=False)
-    snippet = "<div>" + "".join(char if ord(char) < 128 else f"&#{ord(char)};" for char in escaped) + "</div>"
+    anchors = " &middot; ".join(
+        f'<a href="{html.escape(url, quote=True)}">{_ascii_html(label.strip())}</a>' for label, url in links
+    )
+    snippet = "<div>" + _ascii_html(banner) + ("<br>" + anchors if anchors else "") + "</div>"
     for pattern in (_BODY_TAG, _HEAD_END, _HTML_TAG):
         match = pattern.search(text)
         if match:
