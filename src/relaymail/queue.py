@@ -25,6 +25,7 @@ sender yet.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import secrets
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
 
 from .config import Config
 from .deliver import Transport
@@ -147,46 +149,48 @@ async def release_all_claims(store: Store) -> None:
 
 async def claim_due(store: Store, node: str, limit: int, lease_s: int) -> list[Claimed]:
     """Claim up to `limit` due rows for `node`; return them with their queue ids."""
+    unit = functools.partial(_claim_unit, node=node, limit=limit, lease_s=lease_s, skip_locked=not store.is_sqlite)
+    return await store.run(unit, write=True, durable=False)
+
+
+def _claim_unit(session: Session, node: str, limit: int, lease_s: int, skip_locked: bool) -> list[Claimed]:
     now = utcnow()
     due = and_(
         Delivery.state == DeliveryState.QUEUED.value,
         Delivery.next_attempt_at <= now,
         or_(Delivery.claimed_until.is_(None), Delivery.claimed_until < now),
     )
-    async with store.writing(durable=False) as session:
-        query = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(limit)
-        if not store.is_sqlite:
-            query = query.with_for_update(skip_locked=True)
-        ids = list(await session.scalars(query))
-        if not ids:
-            await session.rollback()
-            return []
+    query = select(Delivery.id).where(due).order_by(Delivery.next_attempt_at).limit(limit)
+    if skip_locked:
+        query = query.with_for_update(skip_locked=True)
+    ids = list(session.scalars(query))
+    if not ids:
+        return []
 
-        await session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(ids), due)
-            .values(claimed_by=node, claimed_until=now + timedelta(seconds=lease_s))
-        )
-        rows = await session.execute(
-            select(Delivery.id, Message.queue_id)
-            .join(Message, Message.id == Delivery.message_id)
-            .where(Delivery.id.in_(ids), Delivery.claimed_by == node)
-        )
-        claimed = [Claimed(delivery_id, queue_id) for delivery_id, queue_id in rows]
-        await session.commit()
-    return claimed
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), due)
+        .values(claimed_by=node, claimed_until=now + timedelta(seconds=lease_s))
+    )
+    rows = session.execute(
+        select(Delivery.id, Message.queue_id)
+        .join(Message, Message.id == Delivery.message_id)
+        .where(Delivery.id.in_(ids), Delivery.claimed_by == node)
+    )
+    return [Claimed(delivery_id, queue_id) for delivery_id, queue_id in rows]
+
+
+def _load_delivery(session: Session, delivery_id: int):
+    return session.execute(
+        select(Delivery.envelope_sender, Delivery.recipient, Delivery.created_at, Message.delivered_raw)
+        .join(Message, Message.id == Delivery.message_id)
+        .where(Delivery.id == delivery_id)
+    ).one()
 
 
 async def deliver_one(config: Config, store: Store, transport: Transport, delivery_id: int) -> str:
     """Make one attempt for a claimed row and record it; return the AttemptResult value."""
-    async with store.session() as session:
-        row = (
-            await session.execute(
-                select(Delivery.envelope_sender, Delivery.recipient, Delivery.created_at, Message.delivered_raw)
-                .join(Message, Message.id == Delivery.message_id)
-                .where(Delivery.id == delivery_id)
-            )
-        ).one()
+    row = await store.run(functools.partial(_load_delivery, delivery_id=delivery_id))
     sender, recipient, created_at, data = row.envelope_sender, row.recipient, row.created_at, row.delivered_raw or b""
     recipient_ref = f"delivery:{delivery_id}"
 
@@ -215,65 +219,83 @@ async def _record_failure(config, store, delivery_id, exc, started, created_at, 
 
 async def _record(config: Config, store: Store, delivery_id: int, started: datetime, result: AttemptResult, host: str, code: int | None, text: str) -> None:
     """Store one attempt and move the row (and its message) to the next state."""
+    unit = functools.partial(
+        _record_unit,
+        delivery_id=delivery_id,
+        started=started,
+        result=result,
+        host=host,
+        code=code,
+        text=text,
+        min_backoff_s=config.delivery.min_backoff_s,
+        max_backoff_s=config.delivery.max_backoff_s,
+    )
+    await store.run(unit, write=True, durable=False)
+
+
+def _record_unit(session: Session, delivery_id: int, started: datetime, result: AttemptResult, host: str, code: int | None, text: str, min_backoff_s: int, max_backoff_s: int) -> None:
     now = utcnow()
-    async with store.writing(durable=False) as session:
-        delivery = await session.get(Delivery, delivery_id)
-        delivery.attempts += 1
-        delivery.claimed_by = None
-        delivery.claimed_until = None
-        delivery.last_error = "" if result is AttemptResult.SENT else text
+    delivery = session.get(Delivery, delivery_id)
+    delivery.attempts += 1
+    delivery.claimed_by = None
+    delivery.claimed_until = None
+    delivery.last_error = "" if result is AttemptResult.SENT else text
 
-        if result is AttemptResult.SENT:
-            delivery.state = DeliveryState.SENT.value
-            delivery.finished_at = now
-        elif result is AttemptResult.BOUNCED:
-            delivery.state = DeliveryState.BOUNCED.value
-            delivery.finished_at = now
-        else:
-            wait_s = backoff_s(delivery.attempts, config.delivery.min_backoff_s, config.delivery.max_backoff_s)
-            delivery.next_attempt_at = now + timedelta(seconds=wait_s)
+    if result is AttemptResult.SENT:
+        delivery.state = DeliveryState.SENT.value
+        delivery.finished_at = now
+    elif result is AttemptResult.BOUNCED:
+        delivery.state = DeliveryState.BOUNCED.value
+        delivery.finished_at = now
+    else:
+        wait_s = backoff_s(delivery.attempts, min_backoff_s, max_backoff_s)
+        delivery.next_attempt_at = now + timedelta(seconds=wait_s)
 
-        session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=started, finished_at=now, result=result.value, host=host, reply_code=code, reply_text=text[:2000]))
-        await session.flush()
-        await _update_message_status(session, delivery.message_id)
-        await session.commit()
+    session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=started, finished_at=now, result=result.value, host=host, reply_code=code, reply_text=text[:2000]))
+    session.flush()
+    _update_message_status(session, delivery.message_id)
 
 
-async def _update_message_status(session, message_id: int) -> None:
-    states = set(await session.scalars(select(Delivery.state).where(Delivery.message_id == message_id)))
+def _update_message_status(session: Session, message_id: int) -> None:
+    states = set(session.scalars(select(Delivery.state).where(Delivery.message_id == message_id)))
     if states & {DeliveryState.QUEUED.value}:
         return
-    message = await session.get(Message, message_id)
     if DeliveryState.HELD.value in states:
-        message.status = MessageStatus.HELD.value
+        status, finished = MessageStatus.HELD.value, None
     elif DeliveryState.BOUNCED.value in states:
-        message.status = MessageStatus.BOUNCED.value
-        message.finished_at = utcnow()
+        status, finished = MessageStatus.BOUNCED.value, utcnow()
     else:
-        message.status = MessageStatus.DELIVERED.value
-        message.finished_at = utcnow()
+        status, finished = MessageStatus.DELIVERED.value, utcnow()
+    session.execute(update(Message).where(Message.id == message_id).values(status=status, finished_at=finished))
 
 
 async def record_crash(config: Config, store: Store, delivery_id: int) -> None:
     """Count a crash of the delivery code; hold the row after too many."""
+    unit = functools.partial(_crash_unit, delivery_id=delivery_id, config=config)
+    held = await store.run(unit, write=True, durable=False)
+    if held:
+        log.error(fields(event="held", delivery=delivery_id, status="held (waits for a human: relaymail queue release)"))
+
+
+def _crash_unit(session: Session, delivery_id: int, config: Config) -> bool:
     now = utcnow()
-    async with store.writing(durable=False) as session:
-        delivery = await session.get(Delivery, delivery_id)
-        if delivery is None:
-            return
-        delivery.crashes += 1
-        delivery.claimed_by = None
-        delivery.claimed_until = None
-        delivery.last_error = "the delivery code crashed; see the log"
-        if delivery.crashes >= config.delivery.max_crashes:
-            delivery.state = DeliveryState.HELD.value
-            log.error(fields(event="held", delivery=delivery_id, crashes=delivery.crashes, status="held (waits for a human: relaymail queue release)"))
-        else:
-            delivery.next_attempt_at = now + timedelta(seconds=backoff_s(delivery.crashes, config.delivery.min_backoff_s, config.delivery.max_backoff_s))
-        session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=now, finished_at=now, result=AttemptResult.CRASHED.value, reply_text="crash"))
-        await session.flush()
-        await _update_message_status(session, delivery.message_id)
-        await session.commit()
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None:
+        return False
+    delivery.crashes += 1
+    delivery.claimed_by = None
+    delivery.claimed_until = None
+    delivery.last_error = "the delivery code crashed; see the log"
+    held = delivery.crashes >= config.delivery.max_crashes
+    if held:
+        delivery.state = DeliveryState.HELD.value
+    else:
+        wait_s = backoff_s(delivery.crashes, config.delivery.min_backoff_s, config.delivery.max_backoff_s)
+        delivery.next_attempt_at = now + timedelta(seconds=wait_s)
+    session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=now, finished_at=now, result=AttemptResult.CRASHED.value, reply_text="crash"))
+    session.flush()
+    _update_message_status(session, delivery.message_id)
+    return held
 
 
 def _delay(created_at: datetime) -> str:

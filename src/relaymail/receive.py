@@ -26,20 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from . import bounce, dkim, i18n, links, mime, policy, provision, rewrite, store
 from .config import Config
 from .errors import InputError
 from .headers import ParsedHeaders, decoding_codecs, first_field, parse_headers, split_fields
 from .log import fields, set_queue_id
-from .models import Buyer, Delivery, Direction, Message, MessageStatus, Pair, Seller, SenderState, ThreadId, utcnow
+from .models import Delivery, Direction, Message, MessageStatus, Pair, SenderState, ThreadId, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +177,7 @@ class RelayHandler:
             token = bounce.verify_bounce_address(self.config.relay.bounce_secret, lowered)
             return Target("bounce", address, bounce_token=token) if token else None
 
-        async with self.store.session() as session:
-            match = await store.find_alias(session, lowered)
+        match = await self.store.run(functools.partial(store.lookup_alias, local_part=lowered))
         return Target("alias", address, match=match) if match else None
 
     async def _unknown_recipient(self, server, session, address: str) -> str:
@@ -248,77 +246,74 @@ class RelayHandler:
         # one pair (buyer to seller) are judged one at a time.
         # NOTE: the lock is per process; relays sharing PostgreSQL can still pass a few extra messages.
         key = ("seller", pair.seller_id) if direction is Direction.SELLER_TO_BUYER else ("pair", pair.id)
-        async with self._serialised(key), self.store.session() as session:
-            pair = await session.get(Pair, pair.id)
-            denial = await self._authorize(session, pair, direction, headers.from_address)
-            if denial is not None:
-                await self._archive_rejected(queue_id, envelope, raw, headers, "sender", denial, client, pair, direction)
-                return self._reject(queue_id, f"550 5.7.1 {denial}", "sender")
+        async with self._serialised(key):
+            return await self._judge_and_queue(queue_id, envelope, raw, headers, pair, direction, client)
 
-            verdict = await self._decide(session, pair, direction, envelope, raw, headers)
-            if verdict.action == "defer":
-                log.info(fields(event="defer", rule=verdict.rule, status=f"deferred ({verdict.reply})"))
-                return Outcome(reply=verdict.reply, queue_id=queue_id)
-            if verdict.action == "reject":
-                await self._archive_rejected(queue_id, envelope, raw, headers, verdict.rule, verdict.reason, client, pair, direction)
-                return self._reject(queue_id, verdict.reply, verdict.rule)
+    async def _judge_and_queue(self, queue_id, envelope, raw, headers: ParsedHeaders, pair: Pair, direction: Direction, client) -> Outcome:
+        sender = _comparable_address(headers.from_address)
+        now = utcnow()
+        context = await self.store.run(
+            functools.partial(
+                store.load_message_context,
+                pair_id=pair.id,
+                direction=direction.value,
+                sender=sender,
+                in_reply_to=headers.in_reply_to,
+                references=headers.references,
+                policy_config=self.config.policy,
+                now=now,
+            )
+        )
 
-            message = _new_message(queue_id, envelope, raw, headers, pair, direction, client)
-            message.rule = verdict.rule
-            message.reason = verdict.reason
-            message.automatic = verdict.automatic
-            message.critical = verdict.critical
-            message.thread_reply = verdict.thread_reply
-            message.needs_response = verdict.needs_response
-            message.order_id = (await store.pair_order_ids(session, pair, limit=1) or [None])[0]
+        denial = _authorize(context, direction, sender)
+        if denial is not None:
+            await self._archive_rejected(queue_id, envelope, raw, headers, "sender", denial, client, pair, direction)
+            return self._reject(queue_id, f"550 5.7.1 {denial}", "sender")
 
-            if verdict.action in ("block", "suppress"):
-                message.status = MessageStatus.BLOCKED.value if verdict.action == "block" else MessageStatus.SUPPRESSED.value
-                await session.commit()  # ends the read transaction before taking the writer lock
-                async with self.store.write_lock():
-                    session.add(message)
-                    await session.flush()
-                    notice = await self._maybe_notice(session, message, pair, envelope, headers, verdict)
-                    await session.commit()
-                log.info(fields(event=verdict.action, rule=verdict.rule, notice=notice, status=f"{verdict.action} ({verdict.reason})"))
-                if notice:
-                    self.on_queued()
-                return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
+        verdict = await self._decide(context, direction, envelope, raw, headers, now)
+        if verdict.action == "defer":
+            log.info(fields(event="defer", rule=verdict.rule, status=f"deferred ({verdict.reply})"))
+            return Outcome(reply=verdict.reply, queue_id=queue_id)
+        if verdict.action == "reject":
+            await self._archive_rejected(queue_id, envelope, raw, headers, verdict.rule, verdict.reason, client, pair, direction)
+            return self._reject(queue_id, verdict.reply, verdict.rule)
 
-            try:
-                await self._rewrite_and_queue(session, message, pair, direction, raw, headers, verdict)
-            except rewrite.RewriteError as exc:
-                await self._archive_rejected(queue_id, envelope, raw, headers, "rewrite", str(exc), client, pair, direction)
-                return self._reject(queue_id, REPLY_UNREWRITABLE, "rewrite")
+        message = _new_message(queue_id, envelope, raw, headers, pair, direction, client)
+        message.rule = verdict.rule
+        message.reason = verdict.reason
+        message.automatic = verdict.automatic
+        message.critical = verdict.critical
+        message.thread_reply = verdict.thread_reply
+        message.needs_response = verdict.needs_response
+        message.order_id = context.order_ids[0] if context.order_ids else None
 
+        if verdict.action in ("block", "suppress"):
+            message.status = MessageStatus.BLOCKED.value if verdict.action == "block" else MessageStatus.SUPPRESSED.value
+            notice = await self._notice_for(message, context, envelope, headers, verdict)
+            await self.store.run(functools.partial(store.save_accepted, message=message, notice=notice), write=True)
+            log.info(fields(event=verdict.action, rule=verdict.rule, notice=notice is not None, status=f"{verdict.action} ({verdict.reason})"))
+            if notice is not None:
+                self.on_queued()
+            return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
+
+        try:
+            thread_id, recipient = await self._rewrite(message, context, direction, raw, headers, verdict)
+        except rewrite.RewriteError as exc:
+            await self._archive_rejected(queue_id, envelope, raw, headers, "rewrite", str(exc), client, pair, direction)
+            return self._reject(queue_id, REPLY_UNREWRITABLE, "rewrite")
+
+        bounce_address = bounce.make_bounce_address(self.config.relay.bounce_secret, self.domain, queue_id, 0)
+        await self.store.run(
+            functools.partial(store.save_accepted, message=message, thread_id=thread_id, recipients=[(recipient, bounce_address)]),
+            write=True,
+        )
         self.on_queued()
         log.info(fields(event="queued", direction=direction.value, pair=pair.id, size=len(raw), status="queued"))
         return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
 
-    async def _authorize(self, session: AsyncSession, pair: Pair, direction: Direction, sender: str) -> str | None:
-        """Return why `sender` may not write through this alias, or None when it may."""
-        sender = _comparable_address(sender)
-        if direction is Direction.BUYER_TO_SELLER:
-            buyer = await session.get(Buyer, pair.buyer_id)
-            if sender == buyer.email.lower():
-                return None
-            return "This address accepts mail only from the buyer of this conversation"
-
-        states = await store.sender_sellers(session, sender)
-        if states.get(pair.seller_id) == SenderState.APPROVED.value:
-            return None
-        if any(state == SenderState.APPROVED.value for state in states.values()):
-            return "This sender address belongs to another seller, which cannot write to this buyer"
-        return (
-            f"The sender address <{sender}> is not approved for this seller; the seller must add "
-            "and approve it in its messaging permissions, then send the message again"
-        )
-
-    async def _decide(self, session, pair: Pair, direction: Direction, envelope, raw: bytes, headers: ParsedHeaders) -> policy.Verdict:
-        now = utcnow()
-        facts = await store.policy_facts(session, pair, direction.value, headers, self.config.policy, now)
+    async def _decide(self, context: store.MessageContext, direction: Direction, envelope, raw: bytes, headers: ParsedHeaders, now) -> policy.Verdict:
         text, attachments = await _content(raw)
-        real_addresses = await _sender_real_addresses(session, pair, direction)
+        facts = context.facts
         inp = policy.PolicyInput(
             direction=direction.value,
             subject=headers.subject,
@@ -328,7 +323,7 @@ class RelayHandler:
             precedence=headers.precedence,
             looks_automatic=headers.looks_automatic,
             thread_reply=facts.thread_reply,
-            buyer_opted_out=pair.buyer.opted_out,
+            buyer_opted_out=context.party.buyer_opted_out,
             has_recent_order=facts.has_recent_order,
             sent_today=facts.sent_today,
             orders_last_30_days=facts.orders_last_30_days,
@@ -336,31 +331,27 @@ class RelayHandler:
             attachments=attachments,
             now=now,
             marketplace_domain=self.domain,
-            replaced_addresses=tuple(real_addresses),
+            replaced_addresses=tuple(_sender_real_addresses(context, direction)),
         )
         return policy.decide(inp, self.config.policy)
 
-    async def _rewrite_and_queue(self, session, message: Message, pair: Pair, direction: Direction, raw: bytes, headers: ParsedHeaders, verdict) -> None:
-        seller: Seller = pair.seller
-        buyer: Buyer = pair.buyer
+    async def _rewrite(self, message: Message, context: store.MessageContext, direction: Direction, raw: bytes, headers: ParsedHeaders, verdict) -> tuple[ThreadId, str]:
+        """Rewrite and sign the message for its recipient; return its thread id row and the recipient."""
+        party = context.party
         sender_side = "seller" if direction is Direction.SELLER_TO_BUYER else "buyer"
 
         if direction is Direction.SELLER_TO_BUYER:
-            from_name = seller.business_name
-            from_alias = f"{pair.seller_alias}@{self.domain}"
-            to_address = buyer.email
-            banner = i18n.business_line(buyer.locale, seller.business_name)
+            from_name = party.business_name
+            from_alias = f"{party.seller_alias}@{self.domain}"
+            to_address = party.buyer_email
+            banner = i18n.business_line(party.buyer_locale, party.business_name)
             banner_links = []
         else:
-            from_name = buyer.name or i18n.default_buyer_name(seller.locale)
-            from_alias = f"{pair.buyer_alias}@{self.domain}"
-            to_address = seller.support_email
-            banner = i18n.order_line(seller.locale, await store.pair_order_ids(session, pair))
-            banner_links = links.seller_links(self.config, message.queue_id, seller.locale)
-        real_addresses = await _sender_real_addresses(session, pair, direction)
-
-        mapped = await store.map_thread_ids(session, pair.id, sender_side, headers.references)
-        in_reply_to = await store.map_thread_ids(session, pair.id, sender_side, headers.in_reply_to)
+            from_name = party.buyer_name or i18n.default_buyer_name(party.seller_locale)
+            from_alias = f"{party.buyer_alias}@{self.domain}"
+            to_address = party.support_email
+            banner = i18n.order_line(party.seller_locale, context.order_ids)
+            banner_links = links.seller_links(self.config, message.queue_id, party.seller_locale)
 
         relay_id = f"{message.queue_id.lower()}.{secrets.token_hex(6)}@{self.domain}"
         spec = rewrite.RewriteSpec(
@@ -368,10 +359,10 @@ class RelayHandler:
             from_address=from_alias,
             to_address=to_address,
             message_id=relay_id,
-            in_reply_to=in_reply_to,
-            references=_references_order(mapped, in_reply_to),
+            in_reply_to=context.in_reply_to,
+            references=_references_order(context.references, context.in_reply_to),
             banner=banner,
-            sender_addresses=real_addresses,
+            sender_addresses=_sender_real_addresses(context, direction),
             received=self._received(message.queue_id),
             strip_subject_tags=verdict.strip_subject_tag,
             banner_links=banner_links,
@@ -380,19 +371,11 @@ class RelayHandler:
             delivered = await asyncio.to_thread(rewrite.rewrite, raw, spec)
         else:
             delivered = rewrite.rewrite(raw, spec)
-        delivered = await self._sign(delivered)
 
         message.relay_message_id = relay_id
-        message.delivered_raw = delivered
-        pair_id = pair.id
-        await session.commit()  # ends the read transaction before taking the writer lock
-
-        async with self.store.write_lock():
-            session.add(message)
-            await session.flush()
-            session.add(ThreadId(pair_id=pair_id, origin=sender_side, relay_id=relay_id, original_id=headers.message_id or "", message_id=message.id))
-            session.add(self._delivery(message, to_address, 0))
-            await session.commit()
+        message.delivered_raw = await self._sign(delivered)
+        thread_id = ThreadId(pair_id=party.pair_id, origin=sender_side, relay_id=relay_id, original_id=headers.message_id or "")
+        return thread_id, to_address
 
     @contextlib.asynccontextmanager
     async def _serialised(self, key: tuple[str, object]):
@@ -425,22 +408,22 @@ class RelayHandler:
         stamp = format_datetime(datetime.now(timezone.utc))
         return f"by {self.config.relay.hostname} (relaymail) with ESMTP id {queue_id}; {stamp}"
 
-    async def _maybe_notice(self, session, message: Message, pair: Pair, envelope, headers: ParsedHeaders, verdict) -> bool:
-        """Queue the blocked notice for a blocked message when the rules allow; return True if queued."""
+    async def _notice_for(self, message: Message, context: store.MessageContext, envelope, headers: ParsedHeaders, verdict) -> tuple[Message, str] | None:
+        """Build the blocked notice for a blocked message when the rules allow; return (row, recipient) or None."""
         from . import notice as notices
 
-        seller: Seller = pair.seller
+        party = context.party
         if verdict.action != "block":
-            return False
+            return None
         if not notices.should_send_notice(
-            _envelope_sender(envelope), headers.auto_submitted, seller.block_notice, automatic=verdict.automatic
+            _envelope_sender(envelope), headers.auto_submitted, party.block_notice, automatic=verdict.automatic
         ):
-            return False
+            return None
 
         notice_id = new_queue_id()
         notice_from = self.config.relay.notice_address or f"notices@{self.domain}"
         data = notices.build_blocked_notice(
-            seller_locale=seller.locale,
+            seller_locale=party.seller_locale,
             notice_from=notice_from,
             to_address=headers.from_address,
             domain=self.domain,
@@ -448,7 +431,7 @@ class RelayHandler:
             message_id=f"{notice_id.lower()}.{secrets.token_hex(6)}@{self.domain}",
             original_subject=headers.subject,
             original_date=_header_text(raw_headers_of(message.raw), "date"),
-            buyer_alias=f"{pair.buyer_alias}@{self.domain}",
+            buyer_alias=f"{party.buyer_alias}@{self.domain}",
             order_id=message.order_id,
             rule=verdict.rule,
             reason_key=verdict.reason_key,
@@ -459,10 +442,9 @@ class RelayHandler:
         row = Message(
             queue_id=notice_id,
             direction=Direction.NOTICE.value,
-            pair_id=pair.id,
-            seller_id=pair.seller_id,
-            buyer_id=pair.buyer_id,
-            parent_id=message.id,
+            pair_id=party.pair_id,
+            seller_id=party.seller_id,
+            buyer_id=party.buyer_id,
             envelope_sender="",
             header_from=notice_from,
             subject="blocked notice",
@@ -470,11 +452,9 @@ class RelayHandler:
             raw=data,
             delivered_raw=data,
             size_bytes=len(data),
+            received_at=message.received_at,
         )
-        session.add(row)
-        await session.flush()
-        session.add(self._delivery(row, headers.from_address, 0, null_sender=True))
-        return True
+        return row, headers.from_address
 
     async def _to_operators(self, queue_id, envelope, raw, headers, client) -> Outcome:
         received = f"Received: {self._received(queue_id)}\r\n".encode()
@@ -549,11 +529,30 @@ def _references_order(mapped: list[str], in_reply_to: list[str]) -> list[str]:
     return ordered
 
 
-async def _sender_real_addresses(session, pair: Pair, direction: Direction) -> list[str]:
+def _authorize(context: store.MessageContext, direction: Direction, sender: str) -> str | None:
+    """Return why `sender` (normalised) may not write through this alias, or None when it may."""
+    party = context.party
+    if direction is Direction.BUYER_TO_SELLER:
+        if sender == party.buyer_email.lower():
+            return None
+        return "This address accepts mail only from the buyer of this conversation"
+
+    states = context.sender_states
+    if states.get(party.seller_id) == SenderState.APPROVED.value:
+        return None
+    if any(state == SenderState.APPROVED.value for state in states.values()):
+        return "This sender address belongs to another seller, which cannot write to this buyer"
+    return (
+        f"The sender address <{sender}> is not approved for this seller; the seller must add "
+        "and approve it in its messaging permissions, then send the message again"
+    )
+
+
+def _sender_real_addresses(context: store.MessageContext, direction: Direction) -> list[str]:
     """Return the real addresses of the side that wrote the message."""
     if direction is Direction.SELLER_TO_BUYER:
-        return await store.seller_addresses(session, pair.seller)
-    return [pair.buyer.email.lower()]
+        return context.seller_addresses
+    return [context.party.buyer_email.lower()]
 
 
 async def _content(raw: bytes) -> tuple[str, tuple[policy.Attachment, ...]]:

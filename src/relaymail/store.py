@@ -194,13 +194,18 @@ class AliasMatch:
 
 async def find_alias(session: AsyncSession, local_part: str) -> AliasMatch | None:
     """Return the pair whose buyer or seller alias is `local_part` (any case), else None."""
+    return await session.run_sync(lookup_alias, local_part)
+
+
+def lookup_alias(session: Session, local_part: str) -> AliasMatch | None:
+    """Synchronous `find_alias`, for Store.run."""
     local_part = local_part.lower()
     if not is_alias_form(local_part):
         return None
-    pair = await session.scalar(select(Pair).where(Pair.buyer_alias == local_part))
+    pair = session.scalar(select(Pair).where(Pair.buyer_alias == local_part))
     if pair is not None:
         return AliasMatch(pair, "buyer_alias")
-    pair = await session.scalar(select(Pair).where(Pair.seller_alias == local_part))
+    pair = session.scalar(select(Pair).where(Pair.seller_alias == local_part))
     if pair is not None:
         return AliasMatch(pair, "seller_alias")
     return None
@@ -395,3 +400,212 @@ async def message_by_queue_id(session: AsyncSession, queue_id: str):
     from .models import Message
 
     return await session.scalar(select(Message).where(Message.queue_id == queue_id.upper()))
+
+
+# --- units of work of the mail path (synchronous, run through Store.run) -------
+
+
+@dataclass(frozen=True)
+class PartyView:
+    """The records of a pair that the receive path reads, as plain values."""
+
+    pair_id: int
+    buyer_alias: str
+    seller_alias: str
+    buyer_id: str
+    seller_id: str
+    buyer_email: str
+    buyer_name: str | None
+    buyer_locale: str
+    buyer_opted_out: bool
+    business_name: str
+    support_email: str
+    seller_locale: str
+    block_notice: bool
+
+
+@dataclass(frozen=True)
+class MessageContext:
+    """Everything the receive path needs from the database to judge and rewrite one message."""
+
+    party: PartyView
+    sender_states: dict[str, str]  # seller id -> sender state, for the header From address
+    facts: PolicyFacts
+    order_ids: list[str]  # the pair's orders, most recent first
+    seller_addresses: list[str]  # approved senders and the support address
+    in_reply_to: list[str]  # mapped to the ids the recipient knows
+    references: list[str]
+
+
+def load_message_context(
+    session: Session, pair_id: int, direction: str, sender: str, in_reply_to: list[str], references: list[str], policy_config, now
+) -> MessageContext:
+    """Read the pair, the sender's standing and the policy counters in one transaction."""
+    from .models import Buyer as BuyerRow
+    from .models import Seller as SellerRow
+
+    pair = session.get(Pair, pair_id)
+    buyer = session.get(BuyerRow, pair.buyer_id)
+    seller = session.get(SellerRow, pair.seller_id)
+    party = PartyView(
+        pair_id=pair.id,
+        buyer_alias=pair.buyer_alias,
+        seller_alias=pair.seller_alias,
+        buyer_id=buyer.id,
+        seller_id=seller.id,
+        buyer_email=buyer.email,
+        buyer_name=buyer.name,
+        buyer_locale=buyer.locale,
+        buyer_opted_out=buyer.opted_out,
+        business_name=seller.business_name,
+        support_email=seller.support_email,
+        seller_locale=seller.locale,
+        block_notice=seller.block_notice,
+    )
+
+    seller_to_buyer = direction == "seller_to_buyer"
+    sender_side = "seller" if seller_to_buyer else "buyer"
+    states = {}
+    addresses: list[str] = []
+    if seller_to_buyer:
+        rows = session.execute(select(SellerSender.seller_id, SellerSender.state).where(SellerSender.address == sender))
+        states = {seller_id: state for seller_id, state in rows}
+        approved = session.scalars(
+            select(SellerSender.address).where(
+                SellerSender.seller_id == seller.id, SellerSender.state == SenderState.APPROVED.value
+            )
+        )
+        addresses = sorted(set(approved) | {seller.support_email.lower()})
+
+    order_ids = list(
+        session.scalars(
+            select(Order.id)
+            .where(Order.buyer_id == pair.buyer_id, Order.seller_id == pair.seller_id)
+            .order_by(Order.placed_at.desc(), Order.id.desc())
+            .limit(5)
+        )
+    )
+    return MessageContext(
+        party=party,
+        sender_states=states,
+        facts=_policy_facts(session, pair, direction, in_reply_to + references, policy_config, now),
+        order_ids=order_ids,
+        seller_addresses=addresses,
+        in_reply_to=_map_ids(session, pair.id, sender_side, in_reply_to),
+        references=_map_ids(session, pair.id, sender_side, references),
+    )
+
+
+def _policy_facts(session: Session, pair: Pair, direction: str, named_ids: list[str], policy_config, now) -> PolicyFacts:
+    from datetime import timedelta
+
+    from . import policy
+    from .models import Message
+
+    automatic_since = now - timedelta(seconds=policy_config.automatic_window_s)
+    automatic_passed = session.scalar(
+        select(func.count())
+        .select_from(Message)
+        .where(
+            Message.pair_id == pair.id,
+            Message.direction == direction,
+            Message.automatic.is_(True),
+            Message.status.in_(COUNTED_STATUSES),
+            Message.received_at >= automatic_since,
+        )
+    )
+    if direction != "seller_to_buyer":
+        # Only the automatic-message cap applies to buyer-to-seller mail.
+        return PolicyFacts(False, False, 0, 0, bool(automatic_passed))
+
+    thread_reply = bool(
+        named_ids
+        and session.scalar(
+            select(func.count())
+            .select_from(ThreadId)
+            .where(ThreadId.pair_id == pair.id, ThreadId.origin == "buyer", ThreadId.relay_id.in_(named_ids))
+        )
+    )
+    recent_since = now - timedelta(days=policy_config.critical_order_days)
+    has_recent_order = bool(
+        session.scalar(
+            select(func.count())
+            .select_from(Order)
+            .where(Order.buyer_id == pair.buyer_id, Order.seller_id == pair.seller_id, Order.placed_at >= recent_since)
+        )
+    )
+    sent_today = session.scalar(
+        select(func.count())
+        .select_from(Message)
+        .where(
+            Message.seller_id == pair.seller_id,
+            Message.direction == "seller_to_buyer",
+            Message.status.in_(COUNTED_STATUSES),
+            Message.received_at >= policy.day_start(now, policy_config.timezone),
+        )
+    )
+    window_since = now - timedelta(days=policy_config.order_window_days)
+    orders_recent = session.scalar(
+        select(func.count()).select_from(Order).where(Order.seller_id == pair.seller_id, Order.placed_at >= window_since)
+    )
+    return PolicyFacts(
+        thread_reply=thread_reply,
+        has_recent_order=has_recent_order,
+        sent_today=int(sent_today or 0),
+        orders_last_30_days=int(orders_recent or 0),
+        automatic_passed_recently=bool(automatic_passed),
+    )
+
+
+def _map_ids(session: Session, pair_id: int, sender_side: str, ids: list[str]) -> list[str]:
+    """Map Message-IDs named by the sender to the ids the recipient has; see map_thread_ids."""
+    if not ids:
+        return []
+    by_relay = {
+        row.relay_id: row
+        for row in session.scalars(select(ThreadId).where(ThreadId.pair_id == pair_id, ThreadId.relay_id.in_(ids)))
+    }
+    by_original = {
+        row.original_id: row
+        for row in session.scalars(
+            select(ThreadId).where(
+                ThreadId.pair_id == pair_id, ThreadId.origin == sender_side, ThreadId.original_id.in_(ids)
+            )
+        )
+    }
+    mapped: list[str] = []
+    for msgid in ids:
+        known = None
+        row = by_relay.get(msgid)
+        if row is not None:
+            known = row.relay_id if row.origin == sender_side else (row.original_id or None)
+        elif msgid in by_original:
+            known = by_original[msgid].relay_id
+        if known and known not in mapped:
+            mapped.append(known)
+    return mapped
+
+
+def save_accepted(session: Session, message, thread_id=None, recipients=(), notice=None) -> int:
+    """Insert an archived message with its thread id and delivery rows; return the message's row id.
+
+    `recipients` are (recipient, envelope sender) pairs. `notice`, when given, is a
+    (Message, recipient) pair for a notice about this message, sent with the null sender.
+    """
+    from .models import Delivery
+
+    session.add(message)
+    session.flush()
+    if thread_id is not None:
+        thread_id.message_id = message.id
+        session.add(thread_id)
+    for recipient, sender in recipients:
+        session.add(Delivery(message_id=message.id, recipient=recipient, envelope_sender=sender, next_attempt_at=message.received_at))
+    if notice is not None:
+        notice_row, notice_recipient = notice
+        notice_row.parent_id = message.id
+        session.add(notice_row)
+        session.flush()
+        session.add(Delivery(message_id=notice_row.id, recipient=notice_recipient, envelope_sender="", next_attempt_at=message.received_at))
+    session.flush()
+    return message.id
