@@ -13,13 +13,15 @@ Each attempt ends in one of:
     deferred   a temporary failure: retried after min_backoff_s * 2**(attempts-1),
                capped at max_backoff_s, until max_queue_lifetime_s has passed
                since the row was created; then it becomes a bounce
-    bounced    a permanent failure (state "bounced")
+    bounced    a permanent failure (state "bounced"): a DSN goes to the original
+               sender in the same transaction (relaymail.dsn), and a hard failure
+               counts against the recipient address (relaymail.bounce)
     crashed    the delivery code raised an unexpected exception: retried like a
                deferral, and after `[delivery] max_crashes` crashes the row is
                held for a human (state "held"), never retried forever nor lost
 
-Limits: a bounced delivery is recorded but no DSN is sent to the original
-sender yet.
+A report arriving later at the bounce address can still turn a "sent" row into
+a bounced one: `record_late_bounce`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from . import bounce, dsn
 from .config import Config
 from .deliver import Transport
 from .errors import DeliveryError, HardDeliveryError
@@ -67,6 +70,16 @@ class Claimed:
     queue_id: str
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A claimed row's envelope and bytes, when the caller has them already."""
+
+    sender: str
+    recipient: str
+    created_at: datetime
+    data: bytes
+
+
 class QueueManager:
     """Delivers due rows through one transport, with bounded concurrency."""
 
@@ -78,25 +91,52 @@ class QueueManager:
         self.wake = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
-        self._slots = asyncio.Semaphore(config.delivery.workers)
+        self._reserved = 0
+        self._running = False
 
     def notify(self) -> None:
         """Wake the manager: new rows may be due now."""
         self.wake.set()
 
+    def reserve(self) -> bool:
+        """Reserve a delivery slot for a message about to be stored; False when none is free.
+
+        The receive path stores such a message's rows already claimed by this node
+        and passes them to `start`, which saves the claim transaction and the read
+        of the bytes. Every reservation ends in `start` or `cancel_reservation`.
+        """
+        if not self._running or self._stopping:
+            return False
+        if len(self._tasks) + self._reserved >= self.config.delivery.workers:
+            return False
+        self._reserved += 1
+        return True
+
+    def cancel_reservation(self) -> None:
+        self._reserved -= 1
+
+    def start(self, item: Claimed, loaded: Loaded) -> None:
+        """Deliver a row that was stored claimed by this node, in a reserved slot."""
+        self._reserved -= 1
+        self._spawn(item, loaded)
+
+    def _spawn(self, item: Claimed, loaded: Loaded | None = None) -> None:
+        task = asyncio.create_task(self._deliver(item, loaded))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
     async def run(self) -> None:
         """Deliver due rows until `stop()` is called."""
         if self.store.is_sqlite:
             await release_all_claims(self.store)
+        self._running = True
         log.info(fields(event="queue_start", node=self.node, transport=self.transport.name))
 
         while not self._stopping:
-            free = self.config.delivery.workers - len(self._tasks)
+            free = self.config.delivery.workers - len(self._tasks) - self._reserved
             claimed = await self._claim(free) if free > 0 else []
             for item in claimed:
-                task = asyncio.create_task(self._deliver(item))
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
+                self._spawn(item)
 
             if claimed and len(claimed) == free:
                 await asyncio.sleep(0)
@@ -128,10 +168,10 @@ class QueueManager:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
-    async def _deliver(self, item: Claimed) -> None:
+    async def _deliver(self, item: Claimed, loaded: Loaded | None = None) -> None:
         set_queue_id(item.queue_id)
         try:
-            await deliver_one(self.config, self.store, self.transport, item.delivery_id)
+            await deliver_one(self.config, self.store, self.transport, item.delivery_id, loaded)
         except Exception:  # noqa: BLE001 - the catch-all boundary of the queue manager
             log.exception(fields(event="delivery_crashed", delivery=item.delivery_id))
             await record_crash(self.config, self.store, item.delivery_id)
@@ -188,10 +228,12 @@ def _load_delivery(session: Session, delivery_id: int):
     ).one()
 
 
-async def deliver_one(config: Config, store: Store, transport: Transport, delivery_id: int) -> str:
+async def deliver_one(config: Config, store: Store, transport: Transport, delivery_id: int, loaded: Loaded | None = None) -> str:
     """Make one attempt for a claimed row and record it; return the AttemptResult value."""
-    row = await store.run(functools.partial(_load_delivery, delivery_id=delivery_id))
-    sender, recipient, created_at, data = row.envelope_sender, row.recipient, row.created_at, row.delivered_raw or b""
+    if loaded is None:
+        row = await store.run(functools.partial(_load_delivery, delivery_id=delivery_id))
+        loaded = Loaded(row.envelope_sender, row.recipient, row.created_at, row.delivered_raw or b"")
+    sender, recipient, created_at, data = loaded.sender, loaded.recipient, loaded.created_at, loaded.data
     recipient_ref = f"delivery:{delivery_id}"
 
     started = utcnow()
@@ -208,17 +250,33 @@ async def deliver_one(config: Config, store: Store, transport: Transport, delive
 async def _record_failure(config, store, delivery_id, exc, started, created_at, recipient_ref) -> str:
     age_s = (utcnow() - created_at).total_seconds()
     expired = age_s >= config.delivery.max_queue_lifetime_s
-    permanent = isinstance(exc, HardDeliveryError) or expired
+    hard = isinstance(exc, HardDeliveryError)
+    permanent = hard or expired
     result = AttemptResult.BOUNCED if permanent else AttemptResult.DEFERRED
-    text = exc.text if not (expired and not isinstance(exc, HardDeliveryError)) else f"queue lifetime expired; last error: {exc.text}"
+    text = exc.text if not (expired and not hard) else f"queue lifetime expired; last error: {exc.text}"
+    failure = dsn.failure_of(exc.code, exc.text, exc.host, hard=hard, expired=expired) if permanent else None
 
-    await _record(config, store, delivery_id, started, result, exc.host or "", exc.code, text)
+    await _record(config, store, delivery_id, started, result, exc.host or "", exc.code, text, failure)
     log.info(fields(to=recipient_ref, relay=exc.host or "none", delay=_delay(created_at), status=f"{result.value} ({text[:200]})"))
     return result.value
 
 
-async def _record(config: Config, store: Store, delivery_id: int, started: datetime, result: AttemptResult, host: str, code: int | None, text: str) -> None:
-    """Store one attempt and move the row (and its message) to the next state."""
+async def _record(
+    config: Config,
+    store: Store,
+    delivery_id: int,
+    started: datetime,
+    result: AttemptResult,
+    host: str,
+    code: int | None,
+    text: str,
+    failure: dsn.Failure | None = None,
+) -> None:
+    """Store one attempt and move the row (and its message) to the next state.
+
+    A bounce with its `failure` also queues the DSN and counts the bounce
+    against the address, in the same transaction.
+    """
     unit = functools.partial(
         _record_unit,
         delivery_id=delivery_id,
@@ -229,11 +287,27 @@ async def _record(config: Config, store: Store, delivery_id: int, started: datet
         text=text,
         min_backoff_s=config.delivery.min_backoff_s,
         max_backoff_s=config.delivery.max_backoff_s,
+        failure=failure,
+        config=config,
     )
-    await store.run(unit, write=True, durable=False)
+    effects = await store.run(unit, write=True, durable=False)
+    if effects is not None:
+        effects.log(delivery_id)
 
 
-def _record_unit(session: Session, delivery_id: int, started: datetime, result: AttemptResult, host: str, code: int | None, text: str, min_backoff_s: int, max_backoff_s: int) -> None:
+def _record_unit(
+    session: Session,
+    delivery_id: int,
+    started: datetime,
+    result: AttemptResult,
+    host: str,
+    code: int | None,
+    text: str,
+    min_backoff_s: int,
+    max_backoff_s: int,
+    failure: dsn.Failure | None = None,
+    config: Config | None = None,
+) -> BounceEffects | None:
     now = utcnow()
     delivery = session.get(Delivery, delivery_id)
     delivery.attempts += 1
@@ -254,6 +328,55 @@ def _record_unit(session: Session, delivery_id: int, started: datetime, result: 
     session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=started, finished_at=now, result=result.value, host=host, reply_code=code, reply_text=text[:2000]))
     session.flush()
     _update_message_status(session, delivery.message_id)
+    if result is AttemptResult.BOUNCED and failure is not None and config is not None:
+        return _after_bounce(session, config, delivery, failure, now)
+    return None
+
+
+@dataclass(frozen=True)
+class BounceEffects:
+    """What a bounce caused besides the state change: a DSN, an address marked undeliverable."""
+
+    dsn_queue_id: str | None
+    undeliverable: bool
+
+    def log(self, delivery_id: int) -> None:
+        if self.dsn_queue_id:
+            log.info(fields(event="dsn_queued", delivery=delivery_id, dsn=self.dsn_queue_id))
+        if self.undeliverable:
+            log.warning(fields(event="undeliverable", delivery=delivery_id, status="recipient marked undeliverable"))
+
+
+def record_late_bounce(session: Session, config: Config, delivery: Delivery, failure: dsn.Failure, reporting_mta: str) -> BounceEffects:
+    """Turn a "sent" delivery into a bounced one after a report said it failed.
+
+    Adds a "bounced" attempt naming the reporting MTA, then queues the DSN and
+    counts the bounce as `_record` does. A synchronous unit of work: the caller
+    commits, in a transaction that holds the writer lock (Store.run with write=True).
+    """
+    now = utcnow()
+    delivery.state = DeliveryState.BOUNCED.value
+    delivery.finished_at = now
+    delivery.last_error = f"bounce report: {failure.status} {failure.diagnostic}"[:2000]
+    session.add(
+        DeliveryAttempt(
+            delivery_id=delivery.id,
+            started_at=now,
+            finished_at=now,
+            result=AttemptResult.BOUNCED.value,
+            host=reporting_mta[:255],
+            reply_text=delivery.last_error,
+        )
+    )
+    session.flush()
+    _update_message_status(session, delivery.message_id)
+    return _after_bounce(session, config, delivery, failure, now)
+
+
+def _after_bounce(session: Session, config: Config, delivery: Delivery, failure: dsn.Failure, now: datetime) -> BounceEffects:
+    undeliverable = failure.hard and bounce.record_hard_bounce(session, delivery.recipient, failure.status, failure.diagnostic, now)
+    notice = dsn.queue_dsn(session, config, delivery, failure, now)
+    return BounceEffects(notice.queue_id if notice is not None else None, undeliverable)
 
 
 def _update_message_status(session: Session, message_id: int) -> None:

@@ -30,14 +30,15 @@ import functools
 import logging
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
-from . import bounce, dkim, i18n, links, mime, policy, provision, rewrite, store
+from . import bounce, dkim, i18n, links, mime, policy, provision, reports, rewrite, store
 from .config import Config
 from .errors import InputError
 from .headers import ParsedHeaders, decoding_codecs, first_field, parse_headers, split_fields
 from .log import fields, set_queue_id
+from .queue import Claimed, Loaded, QueueManager
 from .models import Delivery, Direction, Message, MessageStatus, Pair, SenderState, ThreadId, utcnow
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,11 @@ def has_bare_line_ending(data: bytes) -> bool:
 class RelayHandler:
     """aiosmtpd handler of relaymail's SMTP listener."""
 
-    def __init__(self, config: Config, db: store.Store, on_queued=None):
+    def __init__(self, config: Config, db: store.Store, on_queued=None, queue: QueueManager | None = None):
         self.config = config
         self.store = db
         self.on_queued = on_queued or (lambda: None)
+        self.queue = queue
         self.domain = config.relay.domain.lower()
         # Created here so that an unreadable key stops `relaymail serve` at start.
         self.signer = dkim.Signer.from_config(config)
@@ -177,7 +179,7 @@ class RelayHandler:
             token = bounce.verify_bounce_address(self.config.relay.bounce_secret, lowered)
             return Target("bounce", address, bounce_token=token) if token else None
 
-        match = await self.store.run(functools.partial(store.lookup_alias, local_part=lowered))
+        match = await self.store.run(functools.partial(store.lookup_alias_ref, local_part=lowered))
         return Target("alias", address, match=match) if match else None
 
     async def _unknown_recipient(self, server, session, address: str) -> str:
@@ -303,13 +305,29 @@ class RelayHandler:
             return self._reject(queue_id, REPLY_UNREWRITABLE, "rewrite")
 
         bounce_address = bounce.make_bounce_address(self.config.relay.bounce_secret, self.domain, queue_id, 0)
-        await self.store.run(
-            functools.partial(store.save_accepted, message=message, thread_id=thread_id, recipients=[(recipient, bounce_address)]),
-            write=True,
-        )
-        self.on_queued()
+        await self._save_and_hand_over(message, thread_id, recipient, bounce_address)
         log.info(fields(event="queued", direction=direction.value, pair=pair.id, size=len(raw), status="queued"))
         return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
+
+    async def _save_and_hand_over(self, message: Message, thread_id: ThreadId, recipient: str, sender: str) -> None:
+        """Store the message durably; when the queue has a free slot, start its delivery at once."""
+        reserved = self.queue is not None and self.queue.reserve()
+        claim = (self.queue.node, utcnow() + timedelta(seconds=self.config.delivery.lease_s)) if reserved else None
+        unit = functools.partial(
+            store.save_accepted, message=message, thread_id=thread_id, recipients=[(recipient, sender)], claim=claim
+        )
+        try:
+            delivery_ids = await self.store.run(unit, write=True)
+        except BaseException:
+            if reserved:
+                self.queue.cancel_reservation()
+            raise
+
+        if reserved:
+            loaded = Loaded(sender, recipient, message.received_at, message.delivered_raw)
+            self.queue.start(Claimed(delivery_ids[0], message.queue_id), loaded)
+        else:
+            self.on_queued()
 
     async def _decide(self, context: store.MessageContext, direction: Direction, envelope, raw: bytes, headers: ParsedHeaders, now) -> policy.Verdict:
         text, attachments = await _content(raw)
@@ -470,18 +488,26 @@ class RelayHandler:
         return Outcome(reply=f"250 2.0.0 Ok: queued as {queue_id}", queue_id=queue_id)
 
     async def _bounce_report(self, queue_id, envelope, raw, headers, target: Target, client) -> Outcome:
-        # Reports are archived against the message they name and never forwarded to the other party.
-        async with self.store.session() as session:
-            parent = await store.message_by_queue_id(session, target.bounce_token.queue_id)
-            message = _new_message(queue_id, envelope, raw, headers, None, Direction.NOTICE, client)
-            message.status = MessageStatus.DELIVERED.value
-            message.rule = "bounce_report"
-            message.reason = f"report about delivery {target.bounce_token.index} of {target.bounce_token.queue_id}"
-            message.parent_id = parent.id if parent else None
-            message.pair_id = parent.pair_id if parent else None
-            session.add(message)
-            await session.commit()
-        log.info(fields(event="bounce_report", about=target.bounce_token.queue_id, status="archived"))
+        # Reports are recorded against the delivery their token names and never forwarded to the
+        # other party; a late hard bounce bounces that delivery and sends the DSN (relaymail.bounce).
+        token = target.bounce_token
+        if len(raw) > REWRITE_IN_THREAD_BYTES:
+            report = await asyncio.to_thread(reports.parse, raw)
+        else:
+            report = reports.parse(raw)
+
+        message = _new_message(queue_id, envelope, raw, headers, None, Direction.NOTICE, client)
+        message.status = MessageStatus.DELIVERED.value
+        message.rule = "bounce_report"
+        message.reason = f"{report.kind} report about delivery {token.index} of {token.queue_id}"
+        unit = functools.partial(bounce.apply_report, config=self.config, token=token, report=report, archived=message)
+        row, effects = await self.store.run(unit, write=True)
+
+        if effects is not None:
+            effects.log(row.delivery_id)
+            if effects.dsn_queue_id:
+                self.on_queued()
+        log.info(fields(event="bounce_report", about=token.queue_id, kind=report.kind, report_status=row.status or "-", status=row.effect))
         return Outcome(reply=f"250 2.0.0 Ok: report recorded as {queue_id}", queue_id=queue_id)
 
     async def _archive_rejected(self, queue_id, envelope, raw, headers, rule, reason, client, pair=None, direction=None) -> None:

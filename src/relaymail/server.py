@@ -69,7 +69,9 @@ class Relay:
         self.store = Store(config.database.url)
         self.transport = transport or make_transport(config)
         self.queue = QueueManager(config, self.store, self.transport)
-        self.handler = RelayHandler(config, self.store, on_queued=self.queue.notify)
+        self.handler = RelayHandler(
+            config, self.store, on_queued=self.queue.notify, queue=self.queue if run_queue else None
+        )
         self.run_queue = run_queue
         self.server: asyncio.AbstractServer | None = None
         self.queue_task: asyncio.Task | None = None

@@ -26,7 +26,7 @@ from typing import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy import create_engine, event, func, or_, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -195,6 +195,31 @@ class AliasMatch:
 async def find_alias(session: AsyncSession, local_part: str) -> AliasMatch | None:
     """Return the pair whose buyer or seller alias is `local_part` (any case), else None."""
     return await session.run_sync(lookup_alias, local_part)
+
+
+@dataclass(frozen=True)
+class PairRef:
+    """The ids of a pair, for code that needs no more of it."""
+
+    id: int
+    buyer_id: str
+    seller_id: str
+
+
+def lookup_alias_ref(session: Session, local_part: str) -> AliasMatch | None:
+    """Like `lookup_alias`, with a PairRef in place of the Pair: one indexed query, no relationships."""
+    local_part = local_part.lower()
+    if not is_alias_form(local_part):
+        return None
+    row = session.execute(
+        select(Pair.id, Pair.buyer_id, Pair.seller_id, Pair.buyer_alias).where(
+            or_(Pair.buyer_alias == local_part, Pair.seller_alias == local_part)
+        )
+    ).first()
+    if row is None:
+        return None
+    role = "buyer_alias" if row.buyer_alias == local_part else "seller_alias"
+    return AliasMatch(PairRef(row.id, row.buyer_id, row.seller_id), role)
 
 
 def lookup_alias(session: Session, local_part: str) -> AliasMatch | None:
@@ -444,24 +469,19 @@ def load_message_context(
     from .models import Buyer as BuyerRow
     from .models import Seller as SellerRow
 
-    pair = session.get(Pair, pair_id)
-    buyer = session.get(BuyerRow, pair.buyer_id)
-    seller = session.get(SellerRow, pair.seller_id)
-    party = PartyView(
-        pair_id=pair.id,
-        buyer_alias=pair.buyer_alias,
-        seller_alias=pair.seller_alias,
-        buyer_id=buyer.id,
-        seller_id=seller.id,
-        buyer_email=buyer.email,
-        buyer_name=buyer.name,
-        buyer_locale=buyer.locale,
-        buyer_opted_out=buyer.opted_out,
-        business_name=seller.business_name,
-        support_email=seller.support_email,
-        seller_locale=seller.locale,
-        block_notice=seller.block_notice,
-    )
+    # Plain column queries: loading the ORM objects would also load each seller's senders.
+    row = session.execute(
+        select(
+            Pair.id, Pair.buyer_alias, Pair.seller_alias, Pair.buyer_id, Pair.seller_id,
+            BuyerRow.email, BuyerRow.name, BuyerRow.locale, BuyerRow.opted_out,
+            SellerRow.business_name, SellerRow.support_email, SellerRow.locale, SellerRow.block_notice,
+        )
+        .join(BuyerRow, BuyerRow.id == Pair.buyer_id)
+        .join(SellerRow, SellerRow.id == Pair.seller_id)
+        .where(Pair.id == pair_id)
+    ).one()
+    party = PartyView(*row)
+    pair = PairRef(id=party.pair_id, buyer_id=party.buyer_id, seller_id=party.seller_id)
 
     seller_to_buyer = direction == "seller_to_buyer"
     sender_side = "seller" if seller_to_buyer else "buyer"
@@ -472,10 +492,10 @@ def load_message_context(
         states = {seller_id: state for seller_id, state in rows}
         approved = session.scalars(
             select(SellerSender.address).where(
-                SellerSender.seller_id == seller.id, SellerSender.state == SenderState.APPROVED.value
+                SellerSender.seller_id == party.seller_id, SellerSender.state == SenderState.APPROVED.value
             )
         )
-        addresses = sorted(set(approved) | {seller.support_email.lower()})
+        addresses = sorted(set(approved) | {party.support_email.lower()})
 
     order_ids = list(
         session.scalars(
@@ -586,11 +606,13 @@ def _map_ids(session: Session, pair_id: int, sender_side: str, ids: list[str]) -
     return mapped
 
 
-def save_accepted(session: Session, message, thread_id=None, recipients=(), notice=None) -> int:
-    """Insert an archived message with its thread id and delivery rows; return the message's row id.
+def save_accepted(session: Session, message, thread_id=None, recipients=(), notice=None, claim=None) -> list[int]:
+    """Insert an archived message with its thread id and delivery rows; return the delivery row ids.
 
     `recipients` are (recipient, envelope sender) pairs. `notice`, when given, is a
     (Message, recipient) pair for a notice about this message, sent with the null sender.
+    `claim`, a (node, claimed_until) pair, inserts the recipients' rows already claimed
+    by that queue manager, which then delivers them without a claim transaction.
     """
     from .models import Delivery
 
@@ -599,8 +621,19 @@ def save_accepted(session: Session, message, thread_id=None, recipients=(), noti
     if thread_id is not None:
         thread_id.message_id = message.id
         session.add(thread_id)
-    for recipient, sender in recipients:
-        session.add(Delivery(message_id=message.id, recipient=recipient, envelope_sender=sender, next_attempt_at=message.received_at))
+    claimed_by, claimed_until = claim or (None, None)
+    rows = [
+        Delivery(
+            message_id=message.id,
+            recipient=recipient,
+            envelope_sender=sender,
+            next_attempt_at=message.received_at,
+            claimed_by=claimed_by,
+            claimed_until=claimed_until,
+        )
+        for recipient, sender in recipients
+    ]
+    session.add_all(rows)
     if notice is not None:
         notice_row, notice_recipient = notice
         notice_row.parent_id = message.id
@@ -608,4 +641,4 @@ def save_accepted(session: Session, message, thread_id=None, recipients=(), noti
         session.flush()
         session.add(Delivery(message_id=notice_row.id, recipient=notice_recipient, envelope_sender="", next_attempt_at=message.received_at))
     session.flush()
-    return message.id
+    return [row.id for row in rows]
