@@ -417,7 +417,7 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = commands.add_parser(
-        "serve", parents=[with_config], help="run the SMTP listeners and delivery workers"
+        "serve", parents=[with_config], help="run the SMTP listener, the delivery queue and the HTTP server"
     )
     serve.set_defaults(handler=cmd_serve)
 
