@@ -195,3 +195,22 @@ async def test_buyer_message_marked_needs_response(tmp_path: Path):
 
     assert [r.needs_response for r in rows] == [True, False]
     assert [r.automatic for r in rows] == [False, True]
+
+
+async def test_content_redact_replaces_phone(tmp_path: Path):
+    relay_env = RelayEnv(tmp_path, extra='\n[policy.content]\nphones = "redact"\nemails = "flag"\n')
+    await relay_env.start()
+    try:
+        body = "Llámenos al +52 951 555 0142 o escriba a otra.tienda@example.org."
+        outcome = await relay_env.send(SELLER, [BUYER_ALIAS], seller_message("[Importante] Dirección de envío", body))
+        received = await relay_env.sink.wait_for(1)
+        messages = await archived(relay_env)
+    finally:
+        await relay_env.stop()
+
+    text = email.message_from_bytes(received[0].data, policy=email.policy.default).get_body(("plain",)).get_content()
+    assert outcome.code == 250
+    assert "555 0142" not in text
+    assert "otra.tienda@example.org" in text
+    assert "emails" in messages[0].findings
+    assert "phones" in messages[0].findings

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -288,6 +289,11 @@ class RelayHandler:
         message.thread_reply = verdict.thread_reply
         message.needs_response = verdict.needs_response
         message.order_id = context.order_ids[0] if context.order_ids else None
+        if verdict.findings:
+            message.findings = json.dumps(
+                [{"kind": f.kind, "action": f.action, "location": f.location, "text": f.text} for f in verdict.findings],
+                ensure_ascii=False,
+            )
 
         if verdict.action in ("block", "suppress"):
             message.status = MessageStatus.BLOCKED.value if verdict.action == "block" else MessageStatus.SUPPRESSED.value
@@ -384,6 +390,7 @@ class RelayHandler:
             received=self._received(message.queue_id),
             strip_subject_tags=verdict.strip_subject_tag,
             banner_links=banner_links,
+            redact=self._redactor(verdict, context, direction),
         )
         if len(raw) > REWRITE_IN_THREAD_BYTES:
             delivered = await asyncio.to_thread(rewrite.rewrite, raw, spec)
@@ -394,6 +401,22 @@ class RelayHandler:
         message.delivered_raw = await self._sign(delivered)
         thread_id = ThreadId(pair_id=party.pair_id, origin=sender_side, relay_id=relay_id, original_id=headers.message_id or "")
         return thread_id, to_address
+
+    def _redactor(self, verdict, context: store.MessageContext, direction: Direction):
+        """Return the function that applies the content rules' "redact" action, or None."""
+        if not any(finding.action == "redact" for finding in verdict.findings):
+            return None
+        content = self.config.policy.content
+        placeholders = {kind: i18n.redaction_placeholder(context.party.buyer_locale, kind) for kind in ("emails", "phones", "links")}
+        exempt = tuple(_sender_real_addresses(context, direction))
+
+        def redact(text: str) -> str:
+            found = policy.find_contact_details(
+                text, content, marketplace_domain=self.domain, replaced_addresses=exempt
+            )
+            return policy.apply_redactions(text, found, placeholders)
+
+        return redact
 
     @contextlib.asynccontextmanager
     async def _serialised(self, key: tuple[str, object]):

@@ -71,6 +71,7 @@ import hashlib
 import html
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 from email.utils import formatdate, parsedate_to_datetime
 
 from . import mime
@@ -153,6 +154,9 @@ class RewriteSpec:
     strip_subject_tags: bool = False  # remove "[Importante]" and "[Important]" from Subject
     # (label, ASCII URL) pairs shown under the banner: the seller's one-click links.
     banner_links: list[tuple[str, str]] = field(default_factory=list)
+    # Applied to the decoded Subject and text parts after the address replacement: the
+    # content rules' "redact" action (contact details replaced by a placeholder).
+    redact: Callable[[str], str] | None = None
 
 
 @dataclass
@@ -218,9 +222,11 @@ class _Context:
         return self.lines.is_clean(start, end)
 
     def replace_text(self, text: str) -> str:
-        if self.text_pattern is None or not _may_hold_address(text):
-            return text
-        return self.text_pattern.sub(self.spec.from_address, text)
+        if self.text_pattern is not None and _may_hold_address(text):
+            text = self.text_pattern.sub(self.spec.from_address, text)
+        if self.spec.redact is not None:
+            text = self.spec.redact(text)
+        return text
 
     def replace_bytes(self, data: bytes) -> bytes:
         if self.bytes_pattern is None:
