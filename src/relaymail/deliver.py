@@ -524,7 +524,7 @@ def _mail_options(client: aiosmtplib.SMTP, label: str, sender: str, recipient: s
 
     # NOTE: an 8-bit body goes as it is to a server without 8BITMIME, because
     # delivery never converts content; such servers are rare today.
-    if client.supports_extension("8bitmime") and any(byte > 127 for byte in data):
+    if client.supports_extension("8bitmime") and not data.isascii():
         options.append("BODY=8BITMIME")
 
     if not (sender.isascii() and recipient.isascii()):
