@@ -336,7 +336,11 @@ class RelayHandler:
             self.on_queued()
 
     async def _decide(self, context: store.MessageContext, direction: Direction, envelope, raw: bytes, headers: ParsedHeaders, now) -> policy.Verdict:
-        text, attachments = await _content(raw)
+        if direction is Direction.SELLER_TO_BUYER:
+            text, attachments = await _content(raw)
+        else:
+            # Only the automatic-message cap applies to buyer-to-seller mail: no content to read.
+            text, attachments = "", ()
         facts = context.facts
         inp = policy.PolicyInput(
             direction=direction.value,
@@ -523,6 +527,9 @@ class RelayHandler:
         message.status = MessageStatus.DELIVERED.value
         message.rule = "bounce_report"
         message.reason = f"{report.kind} report about delivery {token.index} of {token.queue_id}"
+        # PostgreSQL text columns cannot hold NUL, which a decoded Subject of a bounce may contain.
+        for name in ("subject", "header_from", "original_message_id"):
+            setattr(message, name, getattr(message, name).replace("\x00", ""))
         unit = functools.partial(bounce.apply_report, config=self.config, token=token, report=report, archived=message)
         row, effects = await self.store.run(unit, write=True)
 
