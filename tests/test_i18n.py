@@ -12,7 +12,7 @@ from babel.messages.pofile import read_po
 
 from relaymail import i18n
 
-SOURCES = [Path(i18n.__file__)] + [Path(i18n.__file__).with_name(name) for name in ("notice.py", "links.py", "http_pages.py")]
+SOURCES = [Path(i18n.__file__)] + [Path(i18n.__file__).with_name(name) for name in ("notice.py", "links.py", "http_pages.py", "dsn.py")]
 CATALOGS = sorted(i18n.LOCALE_DIR.glob("*/LC_MESSAGES/relaymail.po"))
 
 

@@ -157,13 +157,15 @@ async def test_write_revision_finds_no_changes(tmp_path, monkeypatch):
     url = f"sqlite+aiosqlite:///{tmp_path / 'relay.sqlite3'}"
     await db.upgrade(url)
 
+    head = db.head_revision()
     path = await db.write_revision(url, "nothing changed")
 
     source = path.read_text()
     assert path.parent == scripts / "versions"
-    assert path.name == "0002_nothing_changed.py"
-    assert "revision: str = '0002'" in source
-    assert "down_revision: str | None = '0001'" in source
+    following = f"{int(head) + 1:04d}"
+    assert path.name == f"{following}_nothing_changed.py"
+    assert f"revision: str = '{following}'" in source
+    assert f"down_revision: str | None = '{head}'" in source
     assert "op." not in source
 
 
@@ -173,7 +175,7 @@ def test_alembic_api_with_url(tmp_path):
 
     command.upgrade(db.alembic_config(url), "head")
 
-    assert run_coroutine(lambda: db.current_revision(url)) == "0001"
+    assert run_coroutine(lambda: db.current_revision(url)) == db.head_revision()
 
 
 def test_alembic_api_with_config_file(migrated_db, config_file, monkeypatch):
@@ -225,18 +227,19 @@ def test_db_current_then_upgrade_cli(cli):
     after = cli("db", "current", "--json")
 
     assert before.rc == 0, before.stderr
-    assert before.json() == {"current": None, "head": "0001", "up_to_date": False}
+    head = db.head_revision()
+    assert before.json() == {"current": None, "head": head, "up_to_date": False}
     assert upgraded.rc == 0, upgraded.stderr
-    assert upgraded.json() == {"previous": None, "current": "0001"}
+    assert upgraded.json() == {"previous": None, "current": head}
     assert "Running upgrade  -> 0001" in upgraded.stderr
-    assert after.json() == {"current": "0001", "head": "0001", "up_to_date": True}
+    assert after.json() == {"current": head, "head": head, "up_to_date": True}
 
 
 def test_db_upgrade_human_output(cli, config_file):
     result = cli("db", "upgrade", "--config", str(config_file), config=None)
 
     assert result.rc == 0, result.stderr
-    assert result.stdout.splitlines() == ["previous=", "current=0001"]
+    assert result.stdout.splitlines() == ["previous=", f"current={db.head_revision()}"]
 
 
 def test_db_upgrade_cli_on_postgres(cli, tmp_path, postgres_url):
@@ -246,7 +249,7 @@ def test_db_upgrade_cli_on_postgres(cli, tmp_path, postgres_url):
     current = cli("db", "current", "--json", config=config)
 
     assert upgraded.rc == 0, upgraded.stderr
-    assert upgraded.json()["current"] == "0001"
+    assert upgraded.json()["current"] == db.head_revision()
     assert current.json()["up_to_date"] is True
 
 

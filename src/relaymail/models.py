@@ -9,6 +9,8 @@ Tables:
     deliveries                  the queue: one row per recipient of a message
     delivery_attempts           one row per delivery attempt, for the records
     thread_ids                  the Message-ID map used to thread replies in both directions
+    bounce_reports              reports that arrived at a bounce address, as parsed (relaymail.reports)
+    undeliverable_addresses     hard bounces per recipient address, and whether it is marked undeliverable
 
 Addresses are stored lower-cased where they are matched (sender addresses,
 buyer addresses) because matching is case-insensitive. Aliases are stored as
@@ -278,3 +280,49 @@ class ThreadId(Base):
     original_id: Mapped[str] = mapped_column(String(998), default="")
     message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BounceReport(Base):
+    """A report that arrived at a bounce address: its content and what relaymail did about it.
+
+    `message_id` is the archived report itself; `delivery_id` is the delivery its
+    bounce token names (None when that row is gone). `kind`, `format`, `action`,
+    `status` and `diagnostic` come from `relaymail.reports.parse`, for the
+    recipient that matches the delivery. `effect` is what the report changed:
+    "late_bounce" (a sent delivery became bounced), "recorded" or "no_delivery".
+    """
+
+    __tablename__ = "bounce_reports"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id", ondelete="SET NULL"), nullable=True, index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str] = mapped_column(String(32), default="")
+    action: Mapped[str] = mapped_column(String(16), default="")
+    status: Mapped[str] = mapped_column(String(16), default="")
+    recipient: Mapped[str] = mapped_column(String(320), default="")  # as the report names it, lower-cased
+    diagnostic: Mapped[str] = mapped_column(Text, default="")
+    reporting_mta: Mapped[str] = mapped_column(String(255), default="")
+    feedback_type: Mapped[str] = mapped_column(String(32), default="")
+    effect: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class UndeliverableAddress(Base):
+    """Hard bounces of one recipient address (lower-cased), counted in a window.
+
+    `hard_bounces` counts the bounces since `window_started_at`; a bounce after
+    the window ended starts a new one. `undeliverable_since` is set when the
+    count reaches the limit in relaymail.bounce and stays set until cleared.
+    """
+
+    __tablename__ = "undeliverable_addresses"
+
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    hard_bounces: Mapped[int] = mapped_column(Integer, default=0)
+    window_started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_bounce_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_status: Mapped[str] = mapped_column(String(16), default="")
+    last_diagnostic: Mapped[str] = mapped_column(Text, default="")
+    undeliverable_since: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -335,7 +335,7 @@ def _record_unit(
 
 @dataclass(frozen=True)
 class BounceEffects:
-    """What a bounce caused besides the state change: a DSN, an address marked undeliverable."""
+    """Side effects of a bounce besides the state change: a DSN, an address marked undeliverable."""
 
     dsn_queue_id: str | None
     undeliverable: bool
@@ -348,7 +348,7 @@ class BounceEffects:
 
 
 def record_late_bounce(session: Session, config: Config, delivery: Delivery, failure: dsn.Failure, reporting_mta: str) -> BounceEffects:
-    """Turn a "sent" delivery into a bounced one after a report said it failed.
+    """Turn a "sent" delivery into a bounced one after a report that it failed.
 
     Adds a "bounced" attempt naming the reporting MTA, then queues the DSN and
     counts the bounce as `_record` does. A synchronous unit of work: the caller

@@ -557,7 +557,7 @@ class RelayHandler:
 
 
 def _new_message(queue_id, envelope, raw, headers: ParsedHeaders | None, pair: Pair | None, direction: Direction, client: str) -> Message:
-    return Message(
+    message = Message(
         queue_id=queue_id,
         direction=direction.value,
         pair_id=pair.id if pair else None,
@@ -574,6 +574,10 @@ def _new_message(queue_id, envelope, raw, headers: ParsedHeaders | None, pair: P
         size_bytes=len(raw),
         received_at=utcnow(),
     )
+    # PostgreSQL text columns cannot hold NUL, which a decoded header may contain.
+    for name in ("subject", "header_from", "envelope_sender", "original_message_id", "recipient_alias"):
+        setattr(message, name, getattr(message, name).replace("\x00", ""))
+    return message
 
 
 def _references_order(mapped: list[str], in_reply_to: list[str]) -> list[str]:
