@@ -635,6 +635,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except RelaymailError as exc:
         return _fail(str(exc), EXIT_FAILURE)
+    except BrokenPipeError:
+        # The reader of stdout went away (`relaymail queue list | head`): stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except OSError as exc:
         # For example a listen address already in use, from `serve`.
         return _fail(str(exc), EXIT_FAILURE)

@@ -181,8 +181,10 @@ def build_blocked_notice(
     report["Date"] = format_datetime(now)
     report["Message-ID"] = _message_id(message_id, domain)
     if original_message_id and _is_header_safe(original_message_id):
-        report["In-Reply-To"] = original_message_id.strip()
-        report["References"] = original_message_id.strip()
+        # Callers pass ids without angle brackets, as the archive stores them.
+        msgid = "<" + original_message_id.strip().strip("<>") + ">"
+        report["In-Reply-To"] = msgid
+        report["References"] = msgid
     report["Auto-Submitted"] = "auto-replied"
     # Asks Microsoft Exchange and Outlook not to send automatic replies.
     report["X-Auto-Response-Suppress"] = "All"

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 REWRITE_IN_THREAD_BYTES = 256 * 1024
 OPERATOR_LOCAL_PARTS = ("postmaster", "abuse")
 
+# How a rejection names each reason of headers.judge_from.
+FROM_PROBLEMS = {"missing": "is missing", "cannot be parsed": "cannot be parsed"}
+
 REPLY_INTERNAL = "451 4.3.0 Temporary local problem; please try again later"
 REPLY_UNREWRITABLE = (
     "554 5.7.1 Message rejected: it cannot be forwarded without revealing a sender address in a part "
@@ -189,12 +192,12 @@ class RelayHandler:
         count = session.unknown_recipients
         log.info(fields(event="reject", client=_peer(session), unknown=count, status="unknown recipient (550 5.1.1)"))
 
-        if count >= smtp.unknown_recipients_before_disconnect:
+        if count > smtp.unknown_recipients_before_disconnect:
             log.warning(fields(event="disconnect", client=_peer(session), reason="too many unknown recipients"))
             server._writer.write(b"421 4.7.0 Too many unknown recipients; closing connection\r\n")
             server.transport.close()
             return "421 4.7.0 Too many unknown recipients; closing connection"
-        if count >= smtp.unknown_recipients_before_delay:
+        if count > smtp.unknown_recipients_before_delay:
             await asyncio.sleep(smtp.unknown_recipient_delay_s)
         if bounce.is_bounce_local_part(address.partition("@")[0]):
             return "550 5.7.1 Invalid or expired bounce address"
@@ -229,7 +232,9 @@ class RelayHandler:
         return await self._to_alias(queue_id, envelope, raw, headers, target.match, client)
 
     def _reject(self, queue_id: str, reply: str, why: str) -> Outcome:
-        log.info(fields(event="reject", status=f"rejected ({reply})"))
+        # The reply text may quote the sender's address, so the log keeps only its codes.
+        code = " ".join(reply.split()[:2])
+        log.info(fields(event="reject", rule=why, status=f"rejected ({code})"))
         return Outcome(reply=reply, queue_id=queue_id)
 
     async def _to_alias(self, queue_id, envelope, raw, headers: ParsedHeaders, match: store.AliasMatch, client) -> Outcome:
@@ -237,8 +242,9 @@ class RelayHandler:
         direction = Direction.SELLER_TO_BUYER if match.role == "buyer_alias" else Direction.BUYER_TO_SELLER
 
         if headers.from_address is None:
+            problem = FROM_PROBLEMS.get(headers.from_error, headers.from_error)
             reply = (
-                f"550 5.7.1 The From header {headers.from_error}; send the message with "
+                f"550 5.7.1 The From header {problem}; send the message with "
                 "exactly one From header holding one address"
             )
             await self._archive_rejected(queue_id, envelope, raw, headers, "from_header", f"From header {headers.from_error}", client, pair, direction)
