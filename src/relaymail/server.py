@@ -21,6 +21,8 @@ import os
 import signal
 import socket
 import ssl
+import threading
+import time
 
 from aiosmtpd.smtp import SMTP
 
@@ -38,6 +40,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 30.0
+EXIT_GRACE_S = 5.0
 
 
 class RelaySMTP(SMTP):
@@ -207,3 +210,25 @@ def run(config: Config) -> None:
     """Configure logging and run the relay; return when it has stopped."""
     log_module.configure(config.log.level)
     asyncio.run(serve(config))
+    _end_leftover_threads(EXIT_GRACE_S)
+
+
+def _end_leftover_threads(grace_s: float) -> None:
+    """Exit even if a database driver thread outlived the shutdown.
+
+    A session cancelled in the middle of a query (a client that disconnects
+    during shutdown, say) can leave an aiosqlite connection checked out, and
+    its non-daemon thread would keep the process alive after `stopped`. Every
+    commit is on disk by then, so exiting loses nothing.
+    """
+    deadline = time.monotonic() + grace_s
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    leftovers = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if leftovers:
+        log.warning(fields(event="exit", threads=",".join(leftovers), status="exiting without them"))
+        logging.shutdown()
+        os._exit(0)
