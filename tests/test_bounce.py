@@ -18,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import run_coroutine
 from relayenv import BUYER, BUYER_ALIAS, DOMAIN, SELLER, SELLER_ALIAS, RelayEnv
 from sink import Received, SinkHandler
 from sqlalchemy import select
@@ -567,3 +568,32 @@ async def test_clear_undeliverable(any_store: Store):
     assert await bounce.clear_undeliverable(store, "LUIS@mail.example") is True
     assert await bounce.undeliverable_addresses(store) == []
     assert await bounce.clear_undeliverable(store, "luis@mail.example") is False
+
+
+def test_undeliverable_cli_lists_and_clears(cli_main, migrated_db):
+    from relaymail import bounce as bounce_module
+    from relaymail.store import Store
+
+    async def mark() -> None:
+        store = Store(migrated_db.database.url)
+        try:
+            for _ in range(bounce_module.UNDELIVERABLE_AFTER):
+                await store.run(
+                    lambda session: bounce_module.record_hard_bounce(session, "gone@example.org", "5.1.1", "user unknown", utcnow()),
+                    write=True,
+                )
+        finally:
+            await store.close()
+
+    run_coroutine(mark)
+    listed = cli_main("queue", "undeliverable", "--json")
+    cleared = cli_main("queue", "undeliverable-clear", "GONE@example.org", "--json")
+    after = cli_main("queue", "undeliverable", "--json")
+    missing = cli_main("queue", "undeliverable-clear", "gone@example.org")
+
+    assert listed.rc == 0, listed.stderr
+    assert [row["address"] for row in listed.json()["addresses"]] == ["gone@example.org"]
+    assert cleared.json() == {"address": "gone@example.org", "cleared": True}
+    assert after.json()["count"] == 0
+    assert missing.rc == 1
+    assert "gone@example.org" in missing.stderr

@@ -17,9 +17,9 @@ import sys
 from typing import Any
 
 from . import cli as cli_module
-from . import queue_admin
+from . import bounce, queue_admin
 from .config import Config
-from .errors import InputError
+from .errors import InputError, NotFoundError
 
 ID_HELP = "a queue id (12 hex digits) or a delivery id (a number, or delivery:N as in the log)"
 
@@ -90,6 +90,47 @@ def register(commands: argparse._SubParsersAction, with_json: argparse.ArgumentP
         command = queue_commands.add_parser(name, parents=[with_json], help=text, description=text[0].upper() + text[1:] + ".")
         command.add_argument("id", metavar="ID", help=ID_HELP)
         command.set_defaults(handler=cmd_action, action=name)
+
+    _register_undeliverable(queue_commands, with_json)
+
+
+def _register_undeliverable(queue_commands, with_json) -> None:
+    listing = queue_commands.add_parser(
+        "undeliverable",
+        parents=[with_json],
+        help="list recipient addresses marked undeliverable after repeated hard bounces",
+        description="List recipient addresses marked undeliverable after repeated hard bounces.",
+    )
+    listing.add_argument("--all", action="store_true", help="also list addresses that bounced but are not marked yet")
+    listing.set_defaults(handler=cmd_undeliverable)
+
+    clear = queue_commands.add_parser(
+        "undeliverable-clear",
+        parents=[with_json],
+        help="forget the recorded bounces of an address",
+        description="Forget the recorded bounces of an address, so it is no longer marked undeliverable.",
+    )
+    clear.add_argument("address", metavar="ADDRESS", help="the recipient address")
+    clear.set_defaults(handler=cmd_undeliverable_clear)
+
+
+def cmd_undeliverable(args: argparse.Namespace, config: Config) -> int:
+    rows = cli_module.run_with_store(config, lambda store: bounce.undeliverable_addresses(store, include_counting=args.all))
+    if getattr(args, "json", False):
+        cli_module.emit(args, {"count": len(rows), "addresses": rows})
+        return 0
+    for row in rows:
+        print(_line(row))
+    print(f"count={len(rows)}")
+    return 0
+
+
+def cmd_undeliverable_clear(args: argparse.Namespace, config: Config) -> int:
+    cleared = cli_module.run_with_store(config, lambda store: bounce.clear_undeliverable(store, args.address))
+    if not cleared:
+        raise NotFoundError(f"no bounces are recorded for {args.address!r}")
+    cli_module.emit(args, {"address": args.address.strip().lower(), "cleared": True})
+    return 0
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
