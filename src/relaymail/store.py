@@ -247,18 +247,6 @@ async def sender_sellers(session: AsyncSession, address: str) -> dict[str, str]:
     return {seller_id: state for seller_id, state in rows}
 
 
-async def seller_addresses(session: AsyncSession, seller: Seller) -> list[str]:
-    """Return the seller's real addresses: approved senders and the support address."""
-    rows = await session.scalars(
-        select(SellerSender.address).where(
-            SellerSender.seller_id == seller.id, SellerSender.state == SenderState.APPROVED.value
-        )
-    )
-    addresses = set(rows)
-    addresses.add(seller.support_email.lower())
-    return sorted(addresses)
-
-
 async def get_seller(session: AsyncSession, seller_id: str) -> Seller:
     seller = await session.get(Seller, seller_id)
     if seller is None:
@@ -271,76 +259,6 @@ async def get_buyer(session: AsyncSession, buyer_id: str) -> Buyer:
     if buyer is None:
         raise NotFoundError(f"buyer {buyer_id!r} not found")
     return buyer
-
-
-async def pair_order_ids(session: AsyncSession, pair: Pair, limit: int = 5) -> list[str]:
-    """Return the ids of the pair's orders, most recent first."""
-    rows = await session.scalars(
-        select(Order.id)
-        .where(Order.buyer_id == pair.buyer_id, Order.seller_id == pair.seller_id)
-        .order_by(Order.placed_at.desc(), Order.id.desc())
-        .limit(limit)
-    )
-    return list(rows)
-
-
-# --- threading -------------------------------------------------------------
-
-
-async def map_thread_ids(
-    session: AsyncSession, pair_id: int, sender_side: str, ids: list[str]
-) -> list[str]:
-    """Map Message-IDs named by the sender to the ids the recipient knows.
-
-    `sender_side` is "buyer" or "seller". An id the relay issued for the other
-    side's message becomes that message's original id; an original id of the
-    sender's own message becomes the relay id the recipient received; a relay
-    id of the sender's own side is kept. Ids relaymail does not know are dropped.
-    Order is kept and duplicates removed.
-    """
-    if not ids:
-        return []
-
-    by_relay = {
-        row.relay_id: row
-        for row in await session.scalars(
-            select(ThreadId).where(ThreadId.pair_id == pair_id, ThreadId.relay_id.in_(ids))
-        )
-    }
-    by_original = {
-        row.original_id: row
-        for row in await session.scalars(
-            select(ThreadId).where(
-                ThreadId.pair_id == pair_id,
-                ThreadId.origin == sender_side,
-                ThreadId.original_id.in_(ids),
-            )
-        )
-    }
-
-    mapped: list[str] = []
-    for msgid in ids:
-        known = None
-        row = by_relay.get(msgid)
-        if row is not None:
-            known = row.relay_id if row.origin == sender_side else (row.original_id or None)
-        elif msgid in by_original:
-            known = by_original[msgid].relay_id
-        if known and known not in mapped:
-            mapped.append(known)
-    return mapped
-
-
-async def names_buyer_message(session: AsyncSession, pair_id: int, ids: list[str]) -> bool:
-    """Return True if any of `ids` is the relay's id for a message the buyer sent in this pair."""
-    if not ids:
-        return False
-    count = await session.scalar(
-        select(func.count())
-        .select_from(ThreadId)
-        .where(ThreadId.pair_id == pair_id, ThreadId.origin == "buyer", ThreadId.relay_id.in_(ids))
-    )
-    return bool(count)
 
 
 # --- policy facts ------------------------------------------------------------
@@ -358,73 +276,6 @@ class PolicyFacts:
 
 
 COUNTED_STATUSES = ("queued", "delivered", "bounced", "held")
-
-
-async def policy_facts(session: AsyncSession, pair: Pair, direction: str, headers, policy_config, now) -> PolicyFacts:
-    """Gather the policy's inputs for a message of `direction` in `pair` at `now`."""
-    from datetime import timedelta
-
-    from . import policy
-    from .models import Message
-
-    automatic_since = now - timedelta(seconds=policy_config.automatic_window_s)
-    automatic_passed = await session.scalar(
-        select(func.count())
-        .select_from(Message)
-        .where(
-            Message.pair_id == pair.id,
-            Message.direction == direction,
-            Message.automatic.is_(True),
-            Message.status.in_(COUNTED_STATUSES),
-            Message.received_at >= automatic_since,
-        )
-    )
-    if direction != "seller_to_buyer":
-        # Only the automatic-message cap applies to buyer-to-seller mail.
-        return PolicyFacts(False, False, 0, 0, bool(automatic_passed))
-
-    thread_reply = await names_buyer_message(session, pair.id, headers.in_reply_to + headers.references)
-
-    recent_since = now - timedelta(days=policy_config.critical_order_days)
-    has_recent_order = bool(
-        await session.scalar(
-            select(func.count())
-            .select_from(Order)
-            .where(Order.buyer_id == pair.buyer_id, Order.seller_id == pair.seller_id, Order.placed_at >= recent_since)
-        )
-    )
-
-    day_start = policy.day_start(now, policy_config.timezone)
-    sent_today = await session.scalar(
-        select(func.count())
-        .select_from(Message)
-        .where(
-            Message.seller_id == pair.seller_id,
-            Message.direction == "seller_to_buyer",
-            Message.status.in_(COUNTED_STATUSES),
-            Message.received_at >= day_start,
-        )
-    )
-
-    window_since = now - timedelta(days=policy_config.order_window_days)
-    orders_recent = await session.scalar(
-        select(func.count()).select_from(Order).where(Order.seller_id == pair.seller_id, Order.placed_at >= window_since)
-    )
-
-    return PolicyFacts(
-        thread_reply=thread_reply,
-        has_recent_order=has_recent_order,
-        sent_today=int(sent_today or 0),
-        orders_last_30_days=int(orders_recent or 0),
-        automatic_passed_recently=bool(automatic_passed),
-    )
-
-
-async def message_by_queue_id(session: AsyncSession, queue_id: str):
-    """Return the message with `queue_id` (any case), or None."""
-    from .models import Message
-
-    return await session.scalar(select(Message).where(Message.queue_id == queue_id.upper()))
 
 
 # --- units of work of the mail path (synchronous, run through Store.run) -------
@@ -578,7 +429,13 @@ def _policy_facts(session: Session, pair: Pair, direction: str, named_ids: list[
 
 
 def _map_ids(session: Session, pair_id: int, sender_side: str, ids: list[str]) -> list[str]:
-    """Map Message-IDs named by the sender to the ids the recipient has; see map_thread_ids."""
+    """Map Message-IDs named by the sender to the ids the recipient knows them by.
+
+    `sender_side` is "buyer" or "seller". An id the relay issued for the other
+    side's message becomes that message's original id; an original id of the
+    sender's own message becomes the relay id the recipient received; a relay
+    id of the sender's own side is kept. Unknown ids are dropped; order is kept.
+    """
     if not ids:
         return []
     by_relay = {
