@@ -52,6 +52,7 @@ from .headers import first_field, first_token, parse_headers, split_fields
 from .i18n import N_, resolve_locale, translations
 from .log import fields
 from .models import Buyer, Delivery, Direction, Message, MessageStatus, Pair, Seller, SellerSender, SenderState
+from .notice import bullet_item, fill_paragraph, shorten
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ def build_dsn(spec: DsnSpec) -> bytes:
     report["From"] = spec.notice_from
     report["To"] = spec.to_address
     report["Subject"] = gettext("Message not delivered: {subject}").format(
-        subject=_shorten(subject, MAX_QUOTED_SUBJECT) or gettext("(no subject)")
+        subject=shorten(subject, MAX_QUOTED_SUBJECT) or gettext("(no subject)")
     )
     report["Date"] = format_datetime(spec.now)
     report["Message-ID"] = f"<{spec.message_id}>"
@@ -278,7 +279,7 @@ def _human_part(gettext, locale: str, spec: DsnSpec, subject: str) -> EmailMessa
         intro = gettext("Your message to the seller {seller} could not be delivered.").format(seller=seller)
         party_line = gettext("Seller: {seller}").format(seller=seller)
 
-    lines = [_fill(intro), ""]
+    lines = [fill_paragraph(intro), ""]
     lines.append(gettext("The message"))
     lines.append("  " + gettext("Subject: {subject}").format(subject=subject or gettext("(no subject)")))
     date = _one_line(spec.original_date or "") or gettext("(no date)")
@@ -290,18 +291,18 @@ def _human_part(gettext, locale: str, spec: DsnSpec, subject: str) -> EmailMessa
 
     reason, advice = reason_of(spec.failure.status, spec.failure.hard)
     lines.append(gettext("Why it was not delivered"))
-    lines.extend([_fill(gettext(reason)), ""])
+    lines.extend([fill_paragraph(gettext(reason)), ""])
     diagnostic = _one_line(spec.failure.diagnostic)
     if diagnostic:
         lines.append(gettext("Error reported by the recipient's mail server:"))
-        lines.append(textwrap.fill(_shorten(diagnostic, MAX_DIAGNOSTIC), TEXT_WIDTH, initial_indent="  ",
+        lines.append(textwrap.fill(shorten(diagnostic, MAX_DIAGNOSTIC), TEXT_WIDTH, initial_indent="  ",
                                    subsequent_indent="  ", break_long_words=True, break_on_hyphens=False))
         lines.append("")
 
     lines.append(gettext("What you can do"))
-    lines.extend(_bullet(gettext(item)) for item in advice)
+    lines.extend(bullet_item(gettext(item)) for item in advice)
     lines.append("")
-    lines.append(_fill(gettext("This is an automatic notice. Please do not reply to it.")))
+    lines.append(fill_paragraph(gettext("This is an automatic notice. Please do not reply to it.")))
 
     part = EmailMessage(policy=DSN_POLICY)
     part.set_content("\n".join(lines) + "\n", charset="utf-8", cte="quoted-printable")
@@ -362,19 +363,6 @@ def _one_line(value: str) -> str:
 
 def _ascii_line(value: str) -> str:
     return _one_line(value).encode("ascii", errors="replace").decode("ascii")
-
-
-def _shorten(value: str, limit: int) -> str:
-    return value if len(value) <= limit else value[: limit - 1].rstrip() + "\u2026"
-
-
-def _fill(paragraph: str) -> str:
-    return textwrap.fill(paragraph, TEXT_WIDTH, break_long_words=False, break_on_hyphens=False)
-
-
-def _bullet(item: str) -> str:
-    return textwrap.fill(item, TEXT_WIDTH, initial_indent="- ", subsequent_indent="  ",
-                         break_long_words=False, break_on_hyphens=False)
 
 
 # --- queueing ---------------------------------------------------------------------

@@ -176,7 +176,7 @@ def build_blocked_notice(
     report["From"] = notice_from
     report["To"] = to_address
     report["Subject"] = gettext("Message not delivered: {subject}").format(
-        subject=_shorten(subject, MAX_QUOTED_SUBJECT) or gettext("(no subject)")
+        subject=shorten(subject, MAX_QUOTED_SUBJECT) or gettext("(no subject)")
     )
     report["Date"] = format_datetime(now)
     report["Message-ID"] = _message_id(message_id, domain)
@@ -212,7 +212,7 @@ def _human_part(
     reason_key: str,
 ) -> EmailMessage:
     intro = gettext("Your message to the buyer {buyer} was blocked and not delivered.")
-    lines = [_fill(intro.format(buyer=buyer_alias)), ""]
+    lines = [fill_paragraph(intro.format(buyer=buyer_alias)), ""]
 
     lines.append(gettext("The message"))
     lines.append("  " + gettext("Subject: {subject}").format(subject=subject or gettext("(no subject)")))
@@ -225,17 +225,17 @@ def _human_part(
 
     lines.append(gettext("Why it was blocked"))
     for paragraph in REASONS.get(reason_key, (GENERIC_REASON,)):
-        lines.extend([_fill(gettext(paragraph)), ""])
+        lines.extend([fill_paragraph(gettext(paragraph)), ""])
     if reason_key == "opt_out_tag_not_critical":
-        lines.extend(_bullet(gettext(kind)) for kind in NOT_CRITICAL_KINDS)
+        lines.extend(bullet_item(gettext(kind)) for kind in NOT_CRITICAL_KINDS)
         lines.append("")
 
     lines.append(gettext("What you can do"))
     for advice in ADVICE.get(reason_key, GENERIC_ADVICE):
-        lines.append(_bullet(gettext(advice)))
+        lines.append(bullet_item(gettext(advice)))
     lines.append("")
 
-    lines.append(_fill(gettext("This is an automatic notice. Please do not reply to it.")))
+    lines.append(fill_paragraph(gettext("This is an automatic notice. Please do not reply to it.")))
 
     part = EmailMessage(policy=NOTICE_POLICY)
     part.set_content("\n".join(lines) + "\n", charset="utf-8", cte="quoted-printable")
@@ -296,14 +296,14 @@ def _one_line(value: str) -> str:
     return _CONTROL_CHARACTERS.sub(" ", value).strip()
 
 
-def _shorten(value: str, limit: int) -> str:
+def shorten(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 1].rstrip() + "\u2026"
 
 
-def _fill(paragraph: str) -> str:
+def fill_paragraph(paragraph: str) -> str:
     return textwrap.fill(paragraph, TEXT_WIDTH, break_long_words=False, break_on_hyphens=False)
 
 
-def _bullet(item: str) -> str:
+def bullet_item(item: str) -> str:
     return textwrap.fill(item, TEXT_WIDTH, initial_indent="- ", subsequent_indent="  ",
                          break_long_words=False, break_on_hyphens=False)
