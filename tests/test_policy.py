@@ -711,7 +711,8 @@ def test_reply_name_is_one_ascii_line():
     verdict = check(attachment('Guía "final"\r\n.exe', "application/octet-stream", EXE))
     reply = verdict.reply
     assert reply.isascii()
-    assert "\r" not in reply and "\n" not in reply
+    assert "\r" not in reply
+    assert "\n" not in reply
     assert "Guia 'final'??.exe" in reply
     assert len(reply) < 512
 

@@ -267,7 +267,7 @@ class ThreadId(Base):
     """A Message-ID the relay issued, and the original id it stands for.
 
     `origin` is the side that wrote the message ("buyer" or "seller"). The
-    sender knows it as `original_id`; the recipient knows it as `relay_id`.
+    sender refers to it as `original_id`, the recipient as `relay_id`.
     """
 
     __tablename__ = "thread_ids"

@@ -1,7 +1,7 @@
 """The queue manager: schedules due deliveries and records every attempt.
 
 A delivery row is due when its state is "queued", `next_attempt_at` has passed
-and no live claim holds it. `claim_due` marks due rows as claimed by this
+and no live claim is on it. `claim_due` marks due rows as claimed by this
 process until a lease expires, in one transaction: `FOR UPDATE SKIP LOCKED` on
 PostgreSQL, so several relay processes sharing one database never claim the
 same row; a single UPDATE on SQLite, whose writers are serialised anyway. On

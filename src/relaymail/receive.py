@@ -30,7 +30,7 @@ import functools
 import json
 import logging
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 REWRITE_IN_THREAD_BYTES = 256 * 1024
 OPERATOR_LOCAL_PARTS = ("postmaster", "abuse")
 
-# How a rejection names each reason of headers.judge_from.
+# Wording of each headers.judge_from reason in a rejection reply.
 FROM_PROBLEMS = {"missing": "is missing", "cannot be parsed": "cannot be parsed"}
 
 REPLY_INTERNAL = "451 4.3.0 Temporary local problem; please try again later"
@@ -69,7 +69,7 @@ def new_queue_id() -> str:
 
 @dataclass
 class Target:
-    """What a recipient address stands for."""
+    """The meaning of one accepted recipient address: an alias, the operators or a bounce address."""
 
     kind: str  # "alias", "operators" or "bounce"
     address: str
@@ -83,11 +83,10 @@ class Outcome:
 
     reply: str
     queue_id: str
-    deliveries: list[tuple[str, str]] = field(default_factory=list)
 
 
 def has_bare_line_ending(data: bytes) -> bool:
-    """Return True if `data` holds a LF not preceded by CR, or a CR not followed by LF."""
+    """Return True if `data` contains a LF not preceded by CR, or a CR not followed by LF."""
     crlf = data.count(b"\r\n")
     return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 

@@ -8,7 +8,7 @@ the short file and parsing jobs sent to `asyncio.to_thread`.
 Signals: SIGTERM and SIGINT stop accepting connections, let open sessions
 finish for at most `SHUTDOWN_GRACE_S`, let delivery attempts in progress end,
 and exit 0 with the queue intact. SIGHUP reloads the configuration file and
-applies the log level (other changes need a restart; the log line says so).
+applies the log level (other changes need a restart, and the log line states this).
 When started by systemd with `Type=notify`, READY=1 is sent once the listener
 accepts connections.
 """

@@ -309,7 +309,7 @@ class MessageContext:
     facts: PolicyFacts
     order_ids: list[str]  # the pair's orders, most recent first
     seller_addresses: list[str]  # approved senders and the support address
-    in_reply_to: list[str]  # mapped to the ids the recipient knows
+    in_reply_to: list[str]  # mapped to the ids the recipient received
     references: list[str]
 
 
@@ -429,7 +429,7 @@ def _policy_facts(session: Session, pair: Pair, direction: str, named_ids: list[
 
 
 def _map_ids(session: Session, pair_id: int, sender_side: str, ids: list[str]) -> list[str]:
-    """Map Message-IDs named by the sender to the ids the recipient knows them by.
+    """Map Message-IDs named by the sender to the ids under which the recipient received them.
 
     `sender_side` is "buyer" or "seller". An id the relay issued for the other
     side's message becomes that message's original id; an original id of the
