@@ -35,7 +35,7 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import bounce, dsn
@@ -309,28 +309,48 @@ def _record_unit(
     config: Config | None = None,
 ) -> BounceEffects | None:
     now = utcnow()
+    if result is not AttemptResult.BOUNCED:
+        _record_progress(session.connection(), delivery_id, started, now, result, host, code, text, min_backoff_s, max_backoff_s)
+        return None
+
     delivery = session.get(Delivery, delivery_id)
     delivery.attempts += 1
     delivery.claimed_by = None
     delivery.claimed_until = None
-    delivery.last_error = "" if result is AttemptResult.SENT else text
-
-    if result is AttemptResult.SENT:
-        delivery.state = DeliveryState.SENT.value
-        delivery.finished_at = now
-    elif result is AttemptResult.BOUNCED:
-        delivery.state = DeliveryState.BOUNCED.value
-        delivery.finished_at = now
-    else:
-        wait_s = backoff_s(delivery.attempts, min_backoff_s, max_backoff_s)
-        delivery.next_attempt_at = now + timedelta(seconds=wait_s)
-
+    delivery.last_error = text
+    delivery.state = DeliveryState.BOUNCED.value
+    delivery.finished_at = now
     session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=started, finished_at=now, result=result.value, host=host, reply_code=code, reply_text=text[:2000]))
     session.flush()
     _update_message_status(session, delivery.message_id)
-    if result is AttemptResult.BOUNCED and failure is not None and config is not None:
+    if failure is not None and config is not None:
         return _after_bounce(session, config, delivery, failure, now)
     return None
+
+
+def _record_progress(connection, delivery_id, started, now, result, host, code, text, min_backoff_s, max_backoff_s) -> None:
+    """Record a sent or deferred attempt with prebuilt Core statements (the common case, kept cheap)."""
+    attempts, message_id = connection.execute(_ATTEMPTS_OF, {"delivery_id": delivery_id}).one()
+    attempts += 1
+    values = {"delivery_id": delivery_id, "new_attempts": attempts, "new_state": DeliveryState.QUEUED.value, "error": text}
+    if result is AttemptResult.SENT:
+        values.update(new_state=DeliveryState.SENT.value, error="", done_at=now, due_at=now)
+    else:
+        wait_s = backoff_s(attempts, min_backoff_s, max_backoff_s)
+        values.update(done_at=None, due_at=now + timedelta(seconds=wait_s))
+    connection.execute(_MARK_ATTEMPTED, values)
+
+    attempt = {
+        "delivery_id": delivery_id,
+        "started_at": started,
+        "finished_at": now,
+        "result": result.value,
+        "host": host,
+        "reply_code": code,
+        "reply_text": text[:2000],
+    }
+    connection.execute(_INSERT_ATTEMPT, attempt)
+    _update_message_status(session_or_connection=connection, message_id=message_id)
 
 
 @dataclass(frozen=True)
@@ -379,8 +399,10 @@ def _after_bounce(session: Session, config: Config, delivery: Delivery, failure:
     return BounceEffects(notice.queue_id if notice is not None else None, undeliverable)
 
 
-def _update_message_status(session: Session, message_id: int) -> None:
-    states = set(session.scalars(select(Delivery.state).where(Delivery.message_id == message_id)))
+def _update_message_status(session_or_connection, message_id: int) -> None:
+    """Give the message its final status once none of its deliveries is queued."""
+    connection = _connection_of(session_or_connection)
+    states = set(connection.execute(_STATES_OF_MESSAGE, {"message_id": message_id}).scalars())
     if states & {DeliveryState.QUEUED.value}:
         return
     if DeliveryState.HELD.value in states:
@@ -389,7 +411,41 @@ def _update_message_status(session: Session, message_id: int) -> None:
         status, finished = MessageStatus.BOUNCED.value, utcnow()
     else:
         status, finished = MessageStatus.DELIVERED.value, utcnow()
-    session.execute(update(Message).where(Message.id == message_id).values(status=status, finished_at=finished))
+    connection.execute(_SET_MESSAGE_STATUS, {"message_id": message_id, "new_status": status, "done_at": finished})
+
+
+def _connection_of(session_or_connection):
+    if isinstance(session_or_connection, Session):
+        return session_or_connection.connection()
+    return session_or_connection
+
+
+# Prebuilt statements of the attempt records (see store.py for why).
+_DELIVERIES = Delivery.__table__
+_ATTEMPTS_OF = select(_DELIVERIES.c.attempts, _DELIVERIES.c.message_id).where(_DELIVERIES.c.id == bindparam("delivery_id"))
+_MARK_ATTEMPTED = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == bindparam("delivery_id"))
+    .values(
+        attempts=bindparam("new_attempts"),
+        claimed_by=None,
+        claimed_until=None,
+        state=bindparam("new_state"),
+        last_error=bindparam("error"),
+        finished_at=bindparam("done_at", type_=_DELIVERIES.c.finished_at.type),
+        next_attempt_at=bindparam("due_at", type_=_DELIVERIES.c.next_attempt_at.type),
+    )
+)
+_INSERT_ATTEMPT = insert(DeliveryAttempt.__table__)
+_STATES_OF_MESSAGE = select(_DELIVERIES.c.state).where(_DELIVERIES.c.message_id == bindparam("message_id"))
+_SET_MESSAGE_STATUS = (
+    update(Message.__table__)
+    .where(Message.__table__.c.id == bindparam("message_id"))
+    .values(
+        status=bindparam("new_status"),
+        finished_at=bindparam("done_at", type_=Message.__table__.c.finished_at.type),
+    )
+)
 
 
 async def record_crash(config: Config, store: Store, delivery_id: int) -> None:

@@ -21,18 +21,19 @@ import secrets
 import string
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import AsyncIterator
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
-from sqlalchemy import create_engine, event, func, or_, select, text
+from sqlalchemy import bindparam, event, func, insert, or_, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from .errors import NotFoundError
-from .models import Buyer, Order, Pair, Seller, SellerSender, SenderState, ThreadId
+from .store_sqlite import SqliteUnits
+from .models import Buyer, Delivery, Message, Order, Pair, Seller, SellerSender, SenderState, ThreadId
 
 T = TypeVar("T")
 
@@ -66,23 +67,22 @@ class Store:
             self.relaxed_engine = self.engine
             self.relaxed_sessions = self.sessions
         self._write_lock = asyncio.Lock()
+        self._units: SqliteUnits | None = None
         if self.is_sqlite:
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
-            self._sync_sessions = sessionmaker(_create_sync_engine(sync_url, "FULL"), expire_on_commit=False)
-            self._sync_relaxed_sessions = sessionmaker(_create_sync_engine(sync_url, "NORMAL"), expire_on_commit=False)
-            self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="relaymail-db-read")
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaymail-db-write")
+            self._units = SqliteUnits(sync_url, self._write_lock, _sqlite_pragmas)
 
     async def run(self, unit: Callable[[Session], T], *, write: bool = False, durable: bool = True) -> T:
         """Run `unit(session)`, a synchronous unit of work, in one round trip; return its result.
 
         The mail path's queries go through here, so that a message costs a few
-        hand-offs to the database rather than one per statement. On SQLite the
-        unit runs on a thread with a plain sqlite3 connection; on PostgreSQL it
-        runs through `AsyncSession.run_sync` on the asyncpg connection. A write
-        unit holds the writer lock and is committed before this returns
-        (durable or not, as for `writing()`). Units return plain data, because
-        their session is closed afterwards.
+        hand-offs to the database rather than one per statement. On SQLite a
+        read unit runs at once on the event loop and a write unit joins a
+        group commit (see store_sqlite); every SQLite write unit is committed
+        with `synchronous=FULL`. On PostgreSQL the unit runs through
+        `AsyncSession.run_sync` on the asyncpg connection. A write unit is
+        committed before this returns (durable or not, as for `writing()`).
+        Units return plain data, because their session is closed afterwards.
         """
         if not self.is_sqlite:
             context = self.writing(durable) if write else self.session()
@@ -92,12 +92,9 @@ class Store:
                     await session.commit()
                 return result
 
-        loop = asyncio.get_running_loop()
-        factory = self._sync_sessions if durable else self._sync_relaxed_sessions
-        if not write:
-            return await loop.run_in_executor(self._readers, _run_unit, factory, unit, False)
-        async with self._write_lock:
-            return await loop.run_in_executor(self._writer, _run_unit, factory, unit, True)
+        if write:
+            return await self._units.write(unit)
+        return self._units.read(unit)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -127,25 +124,8 @@ class Store:
         await self.engine.dispose()
         if self.relaxed_engine is not self.engine:
             await self.relaxed_engine.dispose()
-        if self.is_sqlite:
-            self._readers.shutdown(wait=True)
-            self._writer.shutdown(wait=True)
-            for factory in (self._sync_sessions, self._sync_relaxed_sessions):
-                factory.kw["bind"].dispose()
-
-
-def _run_unit(factory: sessionmaker, unit: Callable[[Session], T], write: bool) -> T:
-    with factory() as session:
-        result = unit(session)
-        if write:
-            session.commit()
-        return result
-
-
-def _create_sync_engine(url, synchronous: str):
-    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=4, max_overflow=4)
-    event.listen(engine, "connect", functools.partial(_sqlite_pragmas, synchronous=synchronous))
-    return engine
+        if self._units is not None:
+            await self._units.close()
 
 
 def _create_engine(url: str, echo: bool, synchronous: str) -> AsyncEngine:
@@ -164,10 +144,15 @@ def _create_engine(url: str, echo: bool, synchronous: str) -> AsyncEngine:
 
 def _sqlite_pragmas(dbapi_connection, connection_record, synchronous: str = "FULL") -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    # Setting the journal mode needs a lock even when it changes nothing, and
+    # SQLite answers "database is locked" at once, without waiting, while
+    # another connection writes. The database stays in WAL mode once set.
+    cursor.execute("PRAGMA journal_mode")
+    if cursor.fetchone()[0].lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
@@ -211,11 +196,7 @@ def lookup_alias_ref(session: Session, local_part: str) -> AliasMatch | None:
     local_part = local_part.lower()
     if not is_alias_form(local_part):
         return None
-    row = session.execute(
-        select(Pair.id, Pair.buyer_id, Pair.seller_id, Pair.buyer_alias).where(
-            or_(Pair.buyer_alias == local_part, Pair.seller_alias == local_part)
-        )
-    ).first()
+    row = session.connection().execute(_PAIR_BY_ALIAS, {"alias": local_part}).first()
     if row is None:
         return None
     role = "buyer_alias" if row.buyer_alias == local_part else "seller_alias"
@@ -317,21 +298,8 @@ def load_message_context(
     session: Session, pair_id: int, direction: str, sender: str, in_reply_to: list[str], references: list[str], policy_config, now
 ) -> MessageContext:
     """Read the pair, the sender's standing and the policy counters in one transaction."""
-    from .models import Buyer as BuyerRow
-    from .models import Seller as SellerRow
-
-    # Plain column queries: loading the ORM objects would also load each seller's senders.
-    row = session.execute(
-        select(
-            Pair.id, Pair.buyer_alias, Pair.seller_alias, Pair.buyer_id, Pair.seller_id,
-            BuyerRow.email, BuyerRow.name, BuyerRow.locale, BuyerRow.opted_out,
-            SellerRow.business_name, SellerRow.support_email, SellerRow.locale, SellerRow.block_notice,
-        )
-        .join(BuyerRow, BuyerRow.id == Pair.buyer_id)
-        .join(SellerRow, SellerRow.id == Pair.seller_id)
-        .where(Pair.id == pair_id)
-    ).one()
-    party = PartyView(*row)
+    connection = session.connection()
+    party = PartyView(*connection.execute(_PARTY, {"pair_id": pair_id}).one())
     pair = PairRef(id=party.pair_id, buyer_id=party.buyer_id, seller_id=party.seller_id)
 
     seller_to_buyer = direction == "seller_to_buyer"
@@ -339,86 +307,55 @@ def load_message_context(
     states = {}
     addresses: list[str] = []
     if seller_to_buyer:
-        rows = session.execute(select(SellerSender.seller_id, SellerSender.state).where(SellerSender.address == sender))
+        rows = connection.execute(_SENDER_STATES, {"sender": sender})
         states = {seller_id: state for seller_id, state in rows}
-        approved = session.scalars(
-            select(SellerSender.address).where(
-                SellerSender.seller_id == party.seller_id, SellerSender.state == SenderState.APPROVED.value
-            )
-        )
+        approved = connection.execute(_APPROVED_SENDERS, {"seller_id": party.seller_id}).scalars()
         addresses = sorted(set(approved) | {party.support_email.lower()})
 
-    order_ids = list(
-        session.scalars(
-            select(Order.id)
-            .where(Order.buyer_id == pair.buyer_id, Order.seller_id == pair.seller_id)
-            .order_by(Order.placed_at.desc(), Order.id.desc())
-            .limit(5)
-        )
-    )
+    order_ids = list(connection.execute(_RECENT_ORDER_IDS, {"buyer_id": pair.buyer_id, "seller_id": pair.seller_id}).scalars())
     return MessageContext(
         party=party,
         sender_states=states,
-        facts=_policy_facts(session, pair, direction, in_reply_to + references, policy_config, now),
+        facts=_policy_facts(connection, pair, direction, in_reply_to + references, policy_config, now),
         order_ids=order_ids,
         seller_addresses=addresses,
-        in_reply_to=_map_ids(session, pair.id, sender_side, in_reply_to),
-        references=_map_ids(session, pair.id, sender_side, references),
+        in_reply_to=_map_ids(connection, pair.id, sender_side, in_reply_to),
+        references=_map_ids(connection, pair.id, sender_side, references),
     )
 
 
-def _policy_facts(session: Session, pair: Pair, direction: str, named_ids: list[str], policy_config, now) -> PolicyFacts:
-    from datetime import timedelta
-
+def _policy_facts(connection, pair: PairRef, direction: str, named_ids: list[str], policy_config, now) -> PolicyFacts:
     from . import policy
-    from .models import Message
 
-    automatic_since = now - timedelta(seconds=policy_config.automatic_window_s)
-    automatic_passed = session.scalar(
-        select(func.count())
-        .select_from(Message)
-        .where(
-            Message.pair_id == pair.id,
-            Message.direction == direction,
-            Message.automatic.is_(True),
-            Message.status.in_(COUNTED_STATUSES),
-            Message.received_at >= automatic_since,
-        )
-    )
+    automatic_passed = connection.execute(
+        _AUTOMATIC_PASSED,
+        {"pair_id": pair.id, "direction": direction, "since": now - timedelta(seconds=policy_config.automatic_window_s)},
+    ).scalar()
     if direction != "seller_to_buyer":
         # Only the automatic-message cap applies to buyer-to-seller mail.
         return PolicyFacts(False, False, 0, 0, bool(automatic_passed))
 
-    thread_reply = bool(
-        named_ids
-        and session.scalar(
-            select(func.count())
-            .select_from(ThreadId)
-            .where(ThreadId.pair_id == pair.id, ThreadId.origin == "buyer", ThreadId.relay_id.in_(named_ids))
-        )
+    thread_reply = bool(named_ids) and bool(
+        connection.execute(_BUYER_THREAD_IDS_NAMED, {"pair_id": pair.id, "ids": named_ids}).scalar()
     )
-    recent_since = now - timedelta(days=policy_config.critical_order_days)
     has_recent_order = bool(
-        session.scalar(
-            select(func.count())
-            .select_from(Order)
-            .where(Order.buyer_id == pair.buyer_id, Order.seller_id == pair.seller_id, Order.placed_at >= recent_since)
-        )
+        connection.execute(
+            _PAIR_ORDERS_SINCE,
+            {
+                "buyer_id": pair.buyer_id,
+                "seller_id": pair.seller_id,
+                "since": now - timedelta(days=policy_config.critical_order_days),
+            },
+        ).scalar()
     )
-    sent_today = session.scalar(
-        select(func.count())
-        .select_from(Message)
-        .where(
-            Message.seller_id == pair.seller_id,
-            Message.direction == "seller_to_buyer",
-            Message.status.in_(COUNTED_STATUSES),
-            Message.received_at >= policy.day_start(now, policy_config.timezone),
-        )
-    )
-    window_since = now - timedelta(days=policy_config.order_window_days)
-    orders_recent = session.scalar(
-        select(func.count()).select_from(Order).where(Order.seller_id == pair.seller_id, Order.placed_at >= window_since)
-    )
+    sent_today = connection.execute(
+        _SELLER_SENT_SINCE,
+        {"seller_id": pair.seller_id, "since": policy.day_start(now, policy_config.timezone)},
+    ).scalar()
+    orders_recent = connection.execute(
+        _SELLER_ORDERS_SINCE,
+        {"seller_id": pair.seller_id, "since": now - timedelta(days=policy_config.order_window_days)},
+    ).scalar()
     return PolicyFacts(
         thread_reply=thread_reply,
         has_recent_order=has_recent_order,
@@ -428,7 +365,7 @@ def _policy_facts(session: Session, pair: Pair, direction: str, named_ids: list[
     )
 
 
-def _map_ids(session: Session, pair_id: int, sender_side: str, ids: list[str]) -> list[str]:
+def _map_ids(connection, pair_id: int, sender_side: str, ids: list[str]) -> list[str]:
     """Map Message-IDs named by the sender to the ids under which the recipient received them.
 
     `sender_side` is "buyer" or "seller". An id the relay issued for the other
@@ -438,17 +375,10 @@ def _map_ids(session: Session, pair_id: int, sender_side: str, ids: list[str]) -
     """
     if not ids:
         return []
-    by_relay = {
-        row.relay_id: row
-        for row in session.scalars(select(ThreadId).where(ThreadId.pair_id == pair_id, ThreadId.relay_id.in_(ids)))
-    }
+    by_relay = {row.relay_id: row for row in connection.execute(_THREAD_IDS_BY_RELAY, {"pair_id": pair_id, "ids": ids})}
     by_original = {
         row.original_id: row
-        for row in session.scalars(
-            select(ThreadId).where(
-                ThreadId.pair_id == pair_id, ThreadId.origin == sender_side, ThreadId.original_id.in_(ids)
-            )
-        )
+        for row in connection.execute(_THREAD_IDS_BY_ORIGINAL, {"pair_id": pair_id, "origin": sender_side, "ids": ids})
     }
     mapped: list[str] = []
     for msgid in ids:
@@ -466,36 +396,139 @@ def _map_ids(session: Session, pair_id: int, sender_side: str, ids: list[str]) -
 def save_accepted(session: Session, message, thread_id=None, recipients=(), notice=None, claim=None) -> list[int]:
     """Insert an archived message with its thread id and delivery rows; return the delivery row ids.
 
-    `recipients` are (recipient, envelope sender) pairs. `notice`, when given, is a
-    (Message, recipient) pair for a notice about this message, sent with the null sender.
-    `claim`, a (node, claimed_until) pair, inserts the recipients' rows already claimed
-    by that queue manager, which then delivers them without a claim transaction.
+    `message`, `thread_id` and the notice's message are new ORM objects; their
+    column values are inserted with Core statements (cheaper than a flush) and
+    `message.id` is set. `recipients` are (recipient, envelope sender) pairs.
+    `notice`, when given, is a (Message, recipient) pair for a notice about
+    this message, sent with the null sender. `claim`, a (node, claimed_until)
+    pair, inserts the recipients' rows already claimed by that queue manager,
+    which then delivers them without a claim transaction.
     """
-    from .models import Delivery
-
-    session.add(message)
-    session.flush()
+    connection = session.connection()
+    message_id = insert_new(connection, message)
     if thread_id is not None:
-        thread_id.message_id = message.id
-        session.add(thread_id)
+        thread_id.message_id = message_id
+        insert_new(connection, thread_id)
+
     claimed_by, claimed_until = claim or (None, None)
-    rows = [
-        Delivery(
-            message_id=message.id,
-            recipient=recipient,
-            envelope_sender=sender,
-            next_attempt_at=message.received_at,
-            claimed_by=claimed_by,
-            claimed_until=claimed_until,
-        )
+    delivery_ids = [
+        _insert_delivery(connection, message_id, recipient, sender, message.received_at, claimed_by, claimed_until)
         for recipient, sender in recipients
     ]
-    session.add_all(rows)
+
     if notice is not None:
         notice_row, notice_recipient = notice
-        notice_row.parent_id = message.id
-        session.add(notice_row)
-        session.flush()
-        session.add(Delivery(message_id=notice_row.id, recipient=notice_recipient, envelope_sender="", next_attempt_at=message.received_at))
-    session.flush()
-    return [row.id for row in rows]
+        notice_row.parent_id = message_id
+        notice_id = insert_new(connection, notice_row)
+        _insert_delivery(connection, notice_id, notice_recipient, "", message.received_at, None, None)
+    return delivery_ids
+
+
+def insert_new(connection, row) -> int:
+    """Insert the column values set on a new ORM object with a Core INSERT; set and return its id.
+
+    Columns left unset get their column defaults, as in a flush. The object
+    stays outside any session.
+    """
+    table = row.__table__
+    values = {column.key: row.__dict__[column.key] for column in table.columns if column.key in row.__dict__}
+    new_id = connection.execute(_INSERTS[table.name], values).inserted_primary_key[0]
+    row.id = new_id
+    return new_id
+
+
+def _insert_delivery(connection, message_id, recipient, sender, due_at, claimed_by, claimed_until) -> int:
+    values = {
+        "message_id": message_id,
+        "recipient": recipient,
+        "envelope_sender": sender,
+        "next_attempt_at": due_at,
+        "claimed_by": claimed_by,
+        "claimed_until": claimed_until,
+    }
+    return connection.execute(_INSERTS["deliveries"], values).inserted_primary_key[0]
+
+
+# --- statements of the mail path, built once --------------------------------
+#
+# Building a statement costs more Python time than running it on SQLite, so
+# the units above run these prebuilt ones with bound parameters, on the Core
+# connection (no ORM identity map or flush).
+
+_PAIR_BY_ALIAS = select(Pair.id, Pair.buyer_id, Pair.seller_id, Pair.buyer_alias).where(
+    or_(Pair.buyer_alias == bindparam("alias"), Pair.seller_alias == bindparam("alias"))
+)
+_PARTY = (
+    select(
+        Pair.id, Pair.buyer_alias, Pair.seller_alias, Pair.buyer_id, Pair.seller_id,
+        Buyer.email, Buyer.name, Buyer.locale, Buyer.opted_out,
+        Seller.business_name, Seller.support_email, Seller.locale, Seller.block_notice,
+    )
+    .join(Buyer, Buyer.id == Pair.buyer_id)
+    .join(Seller, Seller.id == Pair.seller_id)
+    .where(Pair.id == bindparam("pair_id"))
+)
+_SENDER_STATES = select(SellerSender.seller_id, SellerSender.state).where(SellerSender.address == bindparam("sender"))
+_APPROVED_SENDERS = select(SellerSender.address).where(
+    SellerSender.seller_id == bindparam("seller_id"), SellerSender.state == SenderState.APPROVED.value
+)
+_RECENT_ORDER_IDS = (
+    select(Order.id)
+    .where(Order.buyer_id == bindparam("buyer_id"), Order.seller_id == bindparam("seller_id"))
+    .order_by(Order.placed_at.desc(), Order.id.desc())
+    .limit(5)
+)
+_AUTOMATIC_PASSED = (
+    select(func.count())
+    .select_from(Message)
+    .where(
+        Message.pair_id == bindparam("pair_id"),
+        Message.direction == bindparam("direction"),
+        Message.automatic.is_(True),
+        Message.status.in_(COUNTED_STATUSES),
+        Message.received_at >= bindparam("since"),
+    )
+)
+_BUYER_THREAD_IDS_NAMED = (
+    select(func.count())
+    .select_from(ThreadId)
+    .where(
+        ThreadId.pair_id == bindparam("pair_id"),
+        ThreadId.origin == "buyer",
+        ThreadId.relay_id.in_(bindparam("ids", expanding=True)),
+    )
+)
+_PAIR_ORDERS_SINCE = (
+    select(func.count())
+    .select_from(Order)
+    .where(
+        Order.buyer_id == bindparam("buyer_id"),
+        Order.seller_id == bindparam("seller_id"),
+        Order.placed_at >= bindparam("since"),
+    )
+)
+_SELLER_SENT_SINCE = (
+    select(func.count())
+    .select_from(Message)
+    .where(
+        Message.seller_id == bindparam("seller_id"),
+        Message.direction == "seller_to_buyer",
+        Message.status.in_(COUNTED_STATUSES),
+        Message.received_at >= bindparam("since"),
+    )
+)
+_SELLER_ORDERS_SINCE = (
+    select(func.count())
+    .select_from(Order)
+    .where(Order.seller_id == bindparam("seller_id"), Order.placed_at >= bindparam("since"))
+)
+_THREAD_ID_COLUMNS = (ThreadId.relay_id, ThreadId.original_id, ThreadId.origin)
+_THREAD_IDS_BY_RELAY = select(*_THREAD_ID_COLUMNS).where(
+    ThreadId.pair_id == bindparam("pair_id"), ThreadId.relay_id.in_(bindparam("ids", expanding=True))
+)
+_THREAD_IDS_BY_ORIGINAL = select(*_THREAD_ID_COLUMNS).where(
+    ThreadId.pair_id == bindparam("pair_id"),
+    ThreadId.origin == bindparam("origin"),
+    ThreadId.original_id.in_(bindparam("ids", expanding=True)),
+)
+_INSERTS = {table.name: insert(table) for table in (Message.__table__, Delivery.__table__, ThreadId.__table__)}

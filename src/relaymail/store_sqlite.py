@@ -1,0 +1,182 @@
+"""Units of work on SQLite: reads on the event loop, writes with group commit.
+
+`Store.run` hands SQLite units here. A unit is a synchronous function of a
+`Session` that runs a few statements and returns plain data.
+
+- A read unit runs at once on the calling thread (the event loop). In WAL
+  mode a reader never waits for a writer, and an indexed query takes
+  microseconds, so a hand-off to a thread would cost more than the query.
+- A write unit joins a batch. One task runs the batch: it opens the write
+  transaction (`BEGIN IMMEDIATE`) and later commits it on a helper thread,
+  because those two steps can wait for another process or for the disk. It
+  runs the units' statements on the event loop and commits them together.
+  If a unit raises, the batch is rolled back and run again with one
+  savepoint per unit, so only that unit is rolled back and its caller gets
+  the exception.
+
+The commit is durable (`synchronous=FULL`) before any caller of the batch
+resumes, so one fsync covers every message of the batch. Units that arrive
+while a batch commits wait for the next batch. On a quiet relay a batch
+holds one unit; under load it holds many.
+
+Keeping the statements on the event loop matters in CPython: a helper thread
+that runs Python code competes for the GIL with the event loop. The helper
+thread here only waits inside SQLite, with the GIL released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from .log import fields
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# Upper bound on the units of one write transaction, so one batch cannot
+# hold the writer lock for long.
+MAX_BATCH_UNITS = 64
+
+
+class SqliteUnits:
+    """Runs the units of work of one SQLite database (see the module docstring)."""
+
+    def __init__(self, url, write_lock: asyncio.Lock, pragmas: Callable):
+        self._write_lock = write_lock
+        self._read_engine = _sync_engine(url, pragmas, explicit_begin=False)
+        self._write_engine = _sync_engine(url, pragmas, explicit_begin=True)
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaymail-db-commit")
+        self._pending: list[tuple[Callable[[Session], object], asyncio.Future]] = []
+        self._batcher: asyncio.Task | None = None
+
+    def read(self, unit: Callable[[Session], T]) -> T:
+        """Run a read unit now, on this thread."""
+        with self._read_sessions() as session:
+            return unit(session)
+
+    async def write(self, unit: Callable[[Session], T]) -> T:
+        """Run a write unit in the next batch; return its result once the batch is committed."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((unit, future))
+        if self._batcher is None:
+            self._batcher = asyncio.create_task(self._run_batches(), name="relaymail-db-batches")
+        return await future
+
+    async def close(self) -> None:
+        """Wait for the batches in progress, then close the engines and the helper thread."""
+        if self._batcher is not None:
+            await asyncio.shield(self._batcher)
+        self._helper.shutdown(wait=True)
+        self._read_engine.dispose()
+        self._write_engine.dispose()
+
+    async def _run_batches(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:MAX_BATCH_UNITS]
+                del self._pending[:MAX_BATCH_UNITS]
+                await self._run_batch(batch)
+        finally:
+            self._batcher = None
+
+    async def _run_batch(self, batch: list[tuple[Callable[[Session], object], asyncio.Future]]) -> None:
+        live = [(unit, future) for unit, future in batch if not future.cancelled()]
+        async with self._write_lock:
+            try:
+                try:
+                    outcomes = await self._commit(live, savepoints=False)
+                except _UnitFailed:
+                    # Rare: run the batch again with one savepoint per unit, so
+                    # only the failing unit is rolled back.
+                    outcomes = await self._commit(live, savepoints=True)
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the error
+                log.warning(fields(event="write_batch_failed", units=len(live), error=type(exc).__name__))
+                outcomes = [(future, exc, None) for _unit, future in live]
+            except asyncio.CancelledError:
+                for _unit, future in live:
+                    future.cancel()
+                raise
+
+        for future, error, value in outcomes:
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+    async def _commit(self, batch, savepoints: bool) -> list[tuple[asyncio.Future, BaseException | None, object]]:
+        """Run the units in one transaction and commit it; return (future, error, value) per unit.
+
+        Without `savepoints`, the first unit that raises rolls the whole
+        transaction back and raises _UnitFailed, and the caller retries.
+        """
+        loop = asyncio.get_running_loop()
+        session = self._write_sessions()
+        try:
+            # BEGIN IMMEDIATE takes SQLite's write lock, which another
+            # process (the CLI) may hold for a moment.
+            await loop.run_in_executor(self._helper, session.connection)
+
+            outcomes = []
+            for unit, future in batch:
+                if savepoints:
+                    outcomes.append(_run_in_savepoint(session, unit, future))
+                    continue
+                try:
+                    outcomes.append((future, None, unit(session)))
+                except Exception as exc:  # noqa: BLE001 - retried unit by unit
+                    raise _UnitFailed() from exc
+
+            await loop.run_in_executor(self._helper, session.commit)
+            return outcomes
+        finally:
+            session.close()
+
+
+class _UnitFailed(Exception):
+    """A unit of a batch without savepoints raised; the batch is rolled back."""
+
+
+def _run_in_savepoint(session: Session, unit: Callable[[Session], object], future: asyncio.Future):
+    """Run one unit inside a savepoint; return (future, error, value)."""
+    try:
+        with session.begin_nested():
+            value = unit(session)
+    except Exception as exc:  # noqa: BLE001 - the unit's caller gets its own error
+        return future, exc, None
+    return future, None, value
+
+
+def _sync_engine(url, pragmas: Callable, explicit_begin: bool):
+    """Create a pysqlite engine; with `explicit_begin`, transactions start with BEGIN IMMEDIATE.
+
+    Python's sqlite3 module starts transactions implicitly and mishandles
+    savepoints, so the write engine turns that off and emits BEGIN itself, as
+    SQLAlchemy's documentation for pysqlite recommends.
+    """
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=4, max_overflow=4)
+    event.listen(engine, "connect", functools.partial(_on_connect, pragmas=pragmas, explicit_begin=explicit_begin))
+    if explicit_begin:
+        event.listen(engine, "begin", _begin_immediate)
+    return engine
+
+
+def _on_connect(dbapi_connection, connection_record, pragmas: Callable, explicit_begin: bool) -> None:
+    if explicit_begin:
+        dbapi_connection.isolation_level = None
+    pragmas(dbapi_connection, connection_record)
+
+
+def _begin_immediate(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
