@@ -40,6 +40,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -182,6 +183,10 @@ class Message(Base):
     __table_args__ = (
         Index("ix_messages_pair_received", "pair_id", "received_at"),
         Index("ix_messages_seller_received", "seller_id", "received_at"),
+        # The automatic-message cap counts these on every message of a pair.
+        Index(
+            "ix_messages_pair_automatic", "pair_id", "received_at", sqlite_where=text("automatic = 1"), postgresql_where=text("automatic")
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)

@@ -26,7 +26,7 @@ from typing import AsyncIterator
 
 from typing import Callable, TypeVar
 
-from sqlalchemy import bindparam, event, func, insert, or_, select, text
+from sqlalchemy import bindparam, event, func, insert, or_, select, text, true
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
@@ -53,6 +53,8 @@ class Store:
     second engine with `synchronous=NORMAL`, which survives a process crash but
     not a power loss; on PostgreSQL it turns `synchronous_commit` off for that
     transaction. A lost record means at most a repeated delivery attempt.
+    `run()` on SQLite ignores `durable`: its write units share group commits
+    with `synchronous=FULL` (see store_sqlite).
     """
 
     def __init__(self, url: str, echo: bool = False):
@@ -484,7 +486,7 @@ _AUTOMATIC_PASSED = (
     .where(
         Message.pair_id == bindparam("pair_id"),
         Message.direction == bindparam("direction"),
-        Message.automatic.is_(True),
+        Message.automatic == true(),  # "= 1" on SQLite, which matches the partial index
         Message.status.in_(COUNTED_STATUSES),
         Message.received_at >= bindparam("since"),
     )
