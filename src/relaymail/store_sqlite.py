@@ -4,8 +4,10 @@
 `Session` that runs a few statements and returns plain data.
 
 - A read unit runs at once on the calling thread (the event loop). In WAL
-  mode a reader never waits for a writer, and an indexed query takes
+  mode a reader does not wait for a writer, and an indexed query takes
   microseconds, so a hand-off to a thread would cost more than the query.
+  NOTE: a reader does wait while another connection recovers the WAL after
+  a crash, and the event loop then waits with it, up to the busy timeout.
 - A write unit joins a batch. One task runs the batch: it opens the write
   transaction (`BEGIN IMMEDIATE`) and later commits it on a helper thread,
   because those two steps can wait for another process or for the disk. It
@@ -17,7 +19,7 @@
 The commit is durable (`synchronous=FULL`) before any caller of the batch
 resumes, so one fsync covers every message of the batch. Units that arrive
 while a batch commits wait for the next batch. On a quiet relay a batch
-holds one unit; under load it holds many.
+contains one unit; under load it contains many.
 
 Keeping the statements on the event loop matters in CPython: a helper thread
 that runs Python code competes for the GIL with the event loop. The helper
