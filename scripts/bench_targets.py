@@ -124,6 +124,20 @@ def reset_peak_rss(pids: list[int]) -> bool:
     return ok
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """Return the user plus system CPU time of the processes so far, in seconds (0 for a gone process)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            # The command name in brackets may contain spaces, so split after its closing bracket.
+            stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(stat[11]) + int(stat[12])  # utime and stime, fields 14 and 15 of proc(5)
+    return total / ticks
+
+
 def peak_rss_mib(pids: list[int]) -> float | None:
     values = [status_kib(pid, "VmHWM") for pid in pids]
     known = [v for v in values if v is not None]

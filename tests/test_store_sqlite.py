@@ -10,9 +10,10 @@ import asyncio
 import sqlite3
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from relaymail import store_sqlite
+from relaymail.models import Seller
 
 
 def _insert_seller(seller_id: str):
@@ -106,3 +107,21 @@ async def test_batch_waits_for_locked_database(store):
     other.close()
 
     assert await asyncio.wait_for(pending, 10) == "waited"
+
+
+async def test_read_unit_can_use_orm(store):
+    await store.run(_insert_seller("orm"), write=True)
+
+    seller = await store.run(lambda session: session.scalar(select(Seller).where(Seller.id == "orm")))
+
+    assert isinstance(seller, Seller)
+    assert seller.business_name == "Shop"
+
+
+async def test_failed_read_unit_leaves_reader_usable(store):
+    with pytest.raises(Exception):
+        await store.run(lambda session: session.connection().execute(text("SELECT * FROM no_such_table")))
+
+    count = await store.run(lambda session: session.connection().execute(text("SELECT count(*) FROM sellers")).scalar())
+
+    assert count == 0

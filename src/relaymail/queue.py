@@ -221,7 +221,7 @@ def _claim_unit(session: Session, node: str, limit: int, lease_s: int, skip_lock
 
 
 def _load_delivery(session: Session, delivery_id: int):
-    return session.execute(
+    return session.connection().execute(
         select(Delivery.envelope_sender, Delivery.recipient, Delivery.created_at, Message.delivered_raw)
         .join(Message, Message.id == Delivery.message_id)
         .where(Delivery.id == delivery_id)

@@ -25,6 +25,7 @@ reaches the client.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -45,6 +46,7 @@ from .models import Delivery, Direction, Message, MessageStatus, Pair, SenderSta
 log = logging.getLogger(__name__)
 
 REWRITE_IN_THREAD_BYTES = 256 * 1024
+ALIAS_CACHE_SIZE = 10_000
 OPERATOR_LOCAL_PARTS = ("postmaster", "abuse")
 
 # Wording of each headers.judge_from reason in a rejection reply.
@@ -103,6 +105,10 @@ class RelayHandler:
         # Created here so that an unreadable key stops `relaymail serve` at start.
         self.signer = dkim.Signer.from_config(config)
         self._locks: dict[tuple[str, object], list] = {}  # key -> [lock, tasks using it]
+        # Aliases found at RCPT. A pair and its aliases never change once created
+        # and no command deletes a pair, so a found alias stays valid. Unknown
+        # aliases are not cached, so a pair created later is found at once.
+        self._aliases: collections.OrderedDict[str, store.AliasMatch] = collections.OrderedDict()
 
     # --- session hooks ----------------------------------------------------
 
@@ -182,8 +188,21 @@ class RelayHandler:
             token = bounce.verify_bounce_address(self.config.relay.bounce_secret, lowered)
             return Target("bounce", address, bounce_token=token) if token else None
 
-        match = await self.store.run(functools.partial(store.lookup_alias_ref, local_part=lowered))
+        match = await self._lookup_alias(lowered)
         return Target("alias", address, match=match) if match else None
+
+    async def _lookup_alias(self, local_part: str) -> store.AliasMatch | None:
+        match = self._aliases.get(local_part)
+        if match is not None:
+            self._aliases.move_to_end(local_part)
+            return match
+
+        match = await self.store.run(functools.partial(store.lookup_alias_ref, local_part=local_part))
+        if match is not None:
+            self._aliases[local_part] = match
+            if len(self._aliases) > ALIAS_CACHE_SIZE:
+                self._aliases.popitem(last=False)
+        return match
 
     async def _unknown_recipient(self, server, session, address: str) -> str:
         smtp = self.config.smtp

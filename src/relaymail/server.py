@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -43,10 +44,32 @@ SHUTDOWN_GRACE_S = 30.0
 EXIT_GRACE_S = 5.0
 
 
+# A MAIL or RCPT path of the common form <dot-atom@domain>, optionally followed
+# by parameters. Such paths skip aiosmtpd's general address parser, which
+# builds a typing.Protocol class on every call (aiosmtpd 1.4.6) and took about
+# 8% of the relay's CPU time under load in a py-spy profile. Anything else
+# goes to that parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(
+    rf"<(?P<address>{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?P<rest>[^(\s].*)?)?",
+    re.ASCII | re.DOTALL,
+)
+
+
 class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with relaymail's connection limits."""
+    """aiosmtpd's protocol with relaymail's connection limits and a fast path for plain addresses."""
 
     relay: "Relay"
+
+    def _getaddr(self, arg: str):
+        match = _PLAIN_PATH.fullmatch(arg.lstrip())
+        if match is None:
+            return super()._getaddr(arg)
+
+        address = match["address"]
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, match["rest"] or ""
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)

@@ -85,6 +85,8 @@ class Store:
         `AsyncSession.run_sync` on the asyncpg connection. A write unit is
         committed before this returns (durable or not, as for `writing()`).
         Units return plain data, because their session is closed afterwards.
+        On SQLite a read unit gets a store_sqlite.ReadView, whose `connection()`
+        is the cheapest way to run Core statements.
         """
         if not self.is_sqlite:
             context = self.writing(durable) if write else self.session()

@@ -49,22 +49,32 @@ MAX_BATCH_UNITS = 64
 
 
 class SqliteUnits:
-    """Runs the units of work of one SQLite database (see the module docstring)."""
+    """The runner of the units of work of one SQLite database (see the module docstring)."""
 
     def __init__(self, url, write_lock: asyncio.Lock, pragmas: Callable):
         self._write_lock = write_lock
         self._read_engine = _sync_engine(url, pragmas, explicit_begin=False)
         self._write_engine = _sync_engine(url, pragmas, explicit_begin=True)
-        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
+        self._read_view: ReadView | None = None
         self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relaymail-db-commit")
         self._pending: list[tuple[Callable[[Session], object], asyncio.Future]] = []
         self._batcher: asyncio.Task | None = None
 
     def read(self, unit: Callable[[Session], T]) -> T:
-        """Run a read unit now, on this thread."""
-        with self._read_sessions() as session:
-            return unit(session)
+        """Run a read unit now, on this thread, on the reading connection."""
+        if self._read_view is None:
+            connection = self._read_engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._read_view = ReadView(connection)
+        try:
+            result = unit(self._read_view)
+        except Exception:
+            # Start over with a new connection, in case the error left this one unusable.
+            self._read_view.close()
+            self._read_view = None
+            raise
+        self._read_view.finish()
+        return result
 
     async def write(self, unit: Callable[[Session], T]) -> T:
         """Run a write unit in the next batch; return its result once the batch is committed."""
@@ -79,6 +89,8 @@ class SqliteUnits:
         if self._batcher is not None:
             await asyncio.shield(self._batcher)
         self._helper.shutdown(wait=True)
+        if self._read_view is not None:
+            self._read_view.close()
         self._read_engine.dispose()
         self._write_engine.dispose()
 
@@ -144,6 +156,40 @@ class SqliteUnits:
             return outcomes
         finally:
             session.close()
+
+
+class ReadView:
+    """A stand-in for the Session of a read unit, on one long-lived connection.
+
+    `connection()` returns that connection, in autocommit mode, so each
+    statement reads the latest commit and no transaction stays open between
+    units. Any other Session attribute comes from a real Session on the same
+    connection, created on first use and closed by `finish()`. The mail
+    path's read units use only `connection()`, because creating and closing
+    a Session per unit cost more than the unit's queries.
+    """
+
+    def __init__(self, connection):
+        self._connection = connection
+        self._session: Session | None = None
+
+    def connection(self):
+        return self._connection
+
+    def __getattr__(self, name: str):
+        if self._session is None:
+            self._session = Session(bind=self._connection, expire_on_commit=False)
+        return getattr(self._session, name)
+
+    def finish(self) -> None:
+        """Close the Session that a unit used, if any."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            session.close()
+
+    def close(self) -> None:
+        self.finish()
+        self._connection.close()
 
 
 class _UnitFailed(Exception):
