@@ -388,6 +388,8 @@ async def test_case_01_comma_business_name(tmp_path: Path, shared_dir: Path):
     finally:
         await relay_env.stop()
 
+    assert outcome.code == 250, outcome
+    assert len(received) == 1
     data = received[0].data
     header_block = data.split(b"\r\n\r\n", 1)[0]
     from_value = re.search(rb"^From:(.*?)\r\n(?![ \t])", header_block, re.M | re.S).group(1)

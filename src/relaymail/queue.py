@@ -35,7 +35,7 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import bounce, dsn
@@ -93,9 +93,14 @@ class QueueManager:
         self._tasks: set[asyncio.Task] = set()
         self._reserved = 0
         self._running = False
+        # True while due rows may be waiting for a free slot. A finished delivery
+        # wakes the manager only then, so that the usual hand-over of a message
+        # stored already claimed costs no claim query.
+        self._backlog = True
 
     def notify(self) -> None:
         """Wake the manager: new rows may be due now."""
+        self._backlog = True
         self.wake.set()
 
     def reserve(self) -> bool:
@@ -134,7 +139,13 @@ class QueueManager:
 
         while not self._stopping:
             free = self.config.delivery.workers - len(self._tasks) - self._reserved
-            claimed = await self._claim(free) if free > 0 else []
+            claimed = []
+            if free > 0:
+                # Cleared before the query, so a notify() during it sets it again.
+                self._backlog = False
+                claimed = await self._claim(free)
+                if len(claimed) == free:
+                    self._backlog = True
             for item in claimed:
                 self._spawn(item)
 
@@ -151,7 +162,8 @@ class QueueManager:
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        self.wake.set()
+        if self._backlog:
+            self.wake.set()
 
     async def _claim(self, limit: int) -> list[Claimed]:
         try:
@@ -330,16 +342,6 @@ def _record_unit(
 
 def _record_progress(connection, delivery_id, started, now, result, host, code, text, min_backoff_s, max_backoff_s) -> None:
     """Record a sent or deferred attempt with prebuilt Core statements (the common case, kept cheap)."""
-    attempts, message_id = connection.execute(_ATTEMPTS_OF, {"delivery_id": delivery_id}).one()
-    attempts += 1
-    values = {"delivery_id": delivery_id, "new_attempts": attempts, "new_state": DeliveryState.QUEUED.value, "error": text}
-    if result is AttemptResult.SENT:
-        values.update(new_state=DeliveryState.SENT.value, error="", done_at=now, due_at=now)
-    else:
-        wait_s = backoff_s(attempts, min_backoff_s, max_backoff_s)
-        values.update(done_at=None, due_at=now + timedelta(seconds=wait_s))
-    connection.execute(_MARK_ATTEMPTED, values)
-
     attempt = {
         "delivery_id": delivery_id,
         "started_at": started,
@@ -350,7 +352,20 @@ def _record_progress(connection, delivery_id, started, now, result, host, code, 
         "reply_text": text[:2000],
     }
     connection.execute(_INSERT_ATTEMPT, attempt)
-    _update_message_status(session_or_connection=connection, message_id=message_id)
+
+    if result is AttemptResult.SENT:
+        connection.execute(_MARK_SENT, {"delivery_id": delivery_id, "done_at": now})
+        if connection.execute(_FINISH_DELIVERED, {"delivery_id": delivery_id, "done_at": now}).rowcount == 0:
+            # Another delivery of the message is queued, held or bounced.
+            message_id = connection.execute(_MESSAGE_OF, {"delivery_id": delivery_id}).scalar_one()
+            _update_message_status(connection, message_id)
+        return
+
+    # A deferred delivery stays queued, and so does its message.
+    attempts = connection.execute(_ATTEMPTS_OF, {"delivery_id": delivery_id}).scalar_one() + 1
+    wait_s = backoff_s(attempts, min_backoff_s, max_backoff_s)
+    deferred = {"delivery_id": delivery_id, "new_attempts": attempts, "error": text, "due_at": now + timedelta(seconds=wait_s)}
+    connection.execute(_MARK_DEFERRED, deferred)
 
 
 @dataclass(frozen=True)
@@ -422,18 +437,44 @@ def _connection_of(session_or_connection):
 
 # Prebuilt statements of the attempt records (see store.py for why).
 _DELIVERIES = Delivery.__table__
-_ATTEMPTS_OF = select(_DELIVERIES.c.attempts, _DELIVERIES.c.message_id).where(_DELIVERIES.c.id == bindparam("delivery_id"))
-_MARK_ATTEMPTED = (
+_ATTEMPTS_OF = select(_DELIVERIES.c.attempts).where(_DELIVERIES.c.id == bindparam("delivery_id"))
+_MESSAGE_OF = select(_DELIVERIES.c.message_id).where(_DELIVERIES.c.id == bindparam("delivery_id"))
+_MARK_SENT = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == bindparam("delivery_id"))
+    .values(
+        attempts=_DELIVERIES.c.attempts + 1,
+        claimed_by=None,
+        claimed_until=None,
+        state=DeliveryState.SENT.value,
+        last_error="",
+        finished_at=bindparam("done_at", type_=_DELIVERIES.c.finished_at.type),
+    )
+)
+_MARK_DEFERRED = (
     update(_DELIVERIES)
     .where(_DELIVERIES.c.id == bindparam("delivery_id"))
     .values(
         attempts=bindparam("new_attempts"),
         claimed_by=None,
         claimed_until=None,
-        state=bindparam("new_state"),
         last_error=bindparam("error"),
-        finished_at=bindparam("done_at", type_=_DELIVERIES.c.finished_at.type),
         next_attempt_at=bindparam("due_at", type_=_DELIVERIES.c.next_attempt_at.type),
+    )
+)
+_UNFINISHED_STATES = (DeliveryState.QUEUED.value, DeliveryState.HELD.value, DeliveryState.BOUNCED.value)
+_SIBLINGS = _DELIVERIES.alias("sibling")
+# Mark the message of a delivery delivered when none of its deliveries is still
+# queued, held or bounced (the rules of _update_message_status, in one statement).
+_FINISH_DELIVERED = (
+    update(Message.__table__)
+    .where(Message.__table__.c.id == _MESSAGE_OF.scalar_subquery())
+    .where(
+        ~exists().where(_SIBLINGS.c.message_id == Message.__table__.c.id, _SIBLINGS.c.state.in_(_UNFINISHED_STATES))
+    )
+    .values(
+        status=MessageStatus.DELIVERED.value,
+        finished_at=bindparam("done_at", type_=Message.__table__.c.finished_at.type),
     )
 )
 _INSERT_ATTEMPT = insert(DeliveryAttempt.__table__)
