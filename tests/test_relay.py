@@ -87,7 +87,9 @@ async def test_alias_matched_case_insensitively(env: RelayEnv):
     assert outcome.code == 250
 
 
-async def test_second_alias_deferred_to_own_transaction(env: RelayEnv):
+async def test_second_alias_deferred_to_own_transaction(env: RelayEnv, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="relaymail.receive")
+
     def send_two() -> tuple[int, int]:
         import smtplib
 
@@ -102,6 +104,7 @@ async def test_second_alias_deferred_to_own_transaction(env: RelayEnv):
 
     assert first == 250
     assert second == 452
+    assert any("second alias in one transaction (452 4.5.3)" in record.getMessage() for record in caplog.records)
 
 
 async def test_alias_guessing_is_disconnected(env: RelayEnv):

@@ -160,6 +160,7 @@ class RelayHandler:
         local, _, domain = address.rpartition("@")
 
         if len(targets) >= self.config.smtp.max_recipients:
+            log.info(fields(event="defer", client=_peer(session), status="too many recipients (452 4.5.3)"))
             return f"452 4.5.3 Too many recipients; send at most {self.config.smtp.max_recipients} per message"
         if not local or domain.lower() != self.domain:
             log.info(fields(event="reject", client=_peer(session), status="relay denied (550 5.7.1)"))
@@ -172,6 +173,7 @@ class RelayHandler:
         if any(t.address == address.lower() for t in targets):
             return "250 2.1.5 Recipient OK (duplicate)"
         if targets and (target.kind != "operators" or any(t.kind != "operators" for t in targets)):
+            log.info(fields(event="defer", client=_peer(session), status="second alias in one transaction (452 4.5.3)"))
             return f"452 4.5.3 One alias per message: send to <{address}> in a separate transaction"
 
         targets.append(target)
