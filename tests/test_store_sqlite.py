@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 from sqlalchemy import select, text
@@ -125,3 +126,29 @@ async def test_failed_read_unit_leaves_reader_usable(store):
     count = await store.run(lambda session: session.connection().execute(text("SELECT count(*) FROM sellers")).scalar())
 
     assert count == 0
+
+
+def test_ensure_wal_mode_waits_for_writer(tmp_path):
+    path = tmp_path / "rollback.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x INTEGER)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    timer = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    timer.start()
+
+    store_sqlite.ensure_wal_mode(path, timeout_s=10)
+
+    timer.join()
+    other.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_db_upgrade_leaves_wal_mode(migrated_db):
+    path = migrated_db.database.url.split("///", 1)[1]
+
+    with sqlite3.connect(path) as check:
+        mode = check.execute("PRAGMA journal_mode").fetchone()[0]
+
+    assert mode == "wal"

@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from .errors import StoreError
+from .store_sqlite import ensure_wal_mode
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -128,7 +129,12 @@ async def upgrade(url: str, revision: str = "head") -> UpgradeResult:
     path = sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    return await _migrate(url, command.upgrade, revision)
+    result = await _migrate(url, command.upgrade, revision)
+    if path is not None:
+        # The relay's connections expect WAL mode; setting it here, while
+        # nothing else uses the file, avoids a race between them.
+        ensure_wal_mode(path)
+    return result
 
 
 async def downgrade(url: str, revision: str) -> UpgradeResult:

@@ -21,6 +21,7 @@ import secrets
 import string
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from datetime import timedelta
 from typing import AsyncIterator
 
@@ -32,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from .errors import NotFoundError
-from .store_sqlite import SqliteUnits
+from .store_sqlite import SqliteUnits, ensure_wal_mode
 from .models import Buyer, Delivery, Message, Order, Pair, Seller, SellerSender, SenderState, ThreadId
 
 T = TypeVar("T")
@@ -72,6 +73,10 @@ class Store:
         self._units: SqliteUnits | None = None
         if self.is_sqlite:
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+            if sync_url.database and sync_url.database != ":memory:" and Path(sync_url.database).exists():
+                # Before any connection of this process exists, so that no
+                # two of them race to change the journal mode.
+                ensure_wal_mode(sync_url.database)
             self._units = SqliteUnits(sync_url, self._write_lock, _sqlite_pragmas)
 
     async def run(self, unit: Callable[[Session], T], *, write: bool = False, durable: bool = True) -> T:

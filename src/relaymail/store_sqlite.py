@@ -29,8 +29,11 @@ thread here only waits inside SQLite, with the GIL released.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -204,6 +207,31 @@ def _run_in_savepoint(session: Session, unit: Callable[[Session], object], futur
     except Exception as exc:  # noqa: BLE001 - the unit's caller gets its own error
         return future, exc, None
     return future, None, value
+
+
+def ensure_wal_mode(path, timeout_s: float = 30.0) -> None:
+    """Switch the SQLite file at `path` to WAL mode, waiting while other connections write.
+
+    WAL mode stays set in the file. SQLite answers "database is locked" at
+    once, without its busy handler, when the mode cannot change because
+    another connection is in a transaction, so this retries until
+    `timeout_s` has passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    with contextlib.closing(sqlite3.connect(path, timeout=timeout_s)) as connection:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+            return
+        while True:
+            try:
+                mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+                continue
+            if mode.lower() != "wal":
+                log.warning(fields(event="journal_mode", path=str(path), mode=mode, status="WAL mode not available"))
+            return
 
 
 def _sync_engine(url, pragmas: Callable, explicit_begin: bool):
