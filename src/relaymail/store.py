@@ -154,9 +154,9 @@ def _create_engine(url: str, echo: bool, synchronous: str) -> AsyncEngine:
 def _sqlite_pragmas(dbapi_connection, connection_record, synchronous: str = "FULL") -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")
-    # Setting the journal mode needs a lock even when it changes nothing, and
-    # SQLite answers "database is locked" at once, without waiting, while
-    # another connection writes. The database stays in WAL mode once set.
+    # Changing the journal mode fails at once with "database is locked" while
+    # another connection writes, so it is set only when needed. WAL mode stays
+    # set in the file, and ensure_wal_mode() sets it before the relay starts.
     cursor.execute("PRAGMA journal_mode")
     if cursor.fetchone()[0].lower() != "wal":
         cursor.execute("PRAGMA journal_mode=WAL")

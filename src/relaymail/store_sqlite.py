@@ -212,7 +212,7 @@ def _run_in_savepoint(session: Session, unit: Callable[[Session], object], futur
 def ensure_wal_mode(path, timeout_s: float = 30.0) -> None:
     """Switch the SQLite file at `path` to WAL mode, waiting while other connections write.
 
-    WAL mode stays set in the file. SQLite answers "database is locked" at
+    WAL mode stays set in the file. SQLite returns "database is locked" at
     once, without its busy handler, when the mode cannot change because
     another connection is in a transaction, so this retries until
     `timeout_s` has passed.
