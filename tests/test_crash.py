@@ -381,7 +381,7 @@ async def run_scenario(directory: Path, messages: int, clients: int, kills: int,
         figures.timings["drain"] = time.monotonic() - phase_start
         figures.timings["relay_start_max"] = max(relay.start_seconds)
 
-        # In a thread, so the sink on this event loop can answer the relay while it stops.
+        # In a thread, so the sink on this event loop can reply to the relay while it stops.
         status = await asyncio.to_thread(relay.terminate)
         assert status == 0, f"relay exited with {status} on SIGTERM:\n{tail(directory / f'relay-{relay.starts}.log')}"
         collect(sink, figures)

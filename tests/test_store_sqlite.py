@@ -1,7 +1,7 @@
 """The SQLite group commit (store_sqlite.SqliteUnits), on a real migrated SQLite file.
 
-Write units that arrive together share one transaction; a unit that raises is
-rolled back alone and its caller gets the exception; the others are committed.
+Write units that arrive together share one transaction. A unit that raises is
+rolled back alone and its caller gets the exception, while the others are committed.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ async def test_failing_unit_rolled_back_alone(store):
 
     results = await asyncio.gather(*(store.run(unit, write=True) for unit in units), return_exceptions=True)
 
-    assert results[0] == "before" and results[2] == "after"
+    assert results[0] == "before"
+    assert results[2] == "after"
     assert not isinstance(results[1], AssertionError), "the unit should fail on the insert, not after it"
     assert isinstance(results[1], Exception)
     assert _seller_ids(_database_path(store)) == ["after", "before"]

@@ -334,7 +334,7 @@ def _record_unit(
     delivery.finished_at = now
     session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=started, finished_at=now, result=result.value, host=host, reply_code=code, reply_text=text[:2000]))
     session.flush()
-    _update_message_status(session, delivery.message_id)
+    _update_message_status(session.connection(), delivery.message_id)
     if failure is not None and config is not None:
         return _after_bounce(session, config, delivery, failure, now)
     return None
@@ -404,7 +404,7 @@ def record_late_bounce(session: Session, config: Config, delivery: Delivery, fai
         )
     )
     session.flush()
-    _update_message_status(session, delivery.message_id)
+    _update_message_status(session.connection(), delivery.message_id)
     return _after_bounce(session, config, delivery, failure, now)
 
 
@@ -414,9 +414,8 @@ def _after_bounce(session: Session, config: Config, delivery: Delivery, failure:
     return BounceEffects(notice.queue_id if notice is not None else None, undeliverable)
 
 
-def _update_message_status(session_or_connection, message_id: int) -> None:
+def _update_message_status(connection, message_id: int) -> None:
     """Give the message its final status once none of its deliveries is queued."""
-    connection = _connection_of(session_or_connection)
     states = set(connection.execute(_STATES_OF_MESSAGE, {"message_id": message_id}).scalars())
     if states & {DeliveryState.QUEUED.value}:
         return
@@ -427,12 +426,6 @@ def _update_message_status(session_or_connection, message_id: int) -> None:
     else:
         status, finished = MessageStatus.DELIVERED.value, utcnow()
     connection.execute(_SET_MESSAGE_STATUS, {"message_id": message_id, "new_status": status, "done_at": finished})
-
-
-def _connection_of(session_or_connection):
-    if isinstance(session_or_connection, Session):
-        return session_or_connection.connection()
-    return session_or_connection
 
 
 # Prebuilt statements of the attempt records (see store.py for why).
@@ -514,7 +507,7 @@ def _crash_unit(session: Session, delivery_id: int, config: Config) -> bool:
         delivery.next_attempt_at = now + timedelta(seconds=wait_s)
     session.add(DeliveryAttempt(delivery_id=delivery_id, started_at=now, finished_at=now, result=AttemptResult.CRASHED.value, reply_text="crash"))
     session.flush()
-    _update_message_status(session, delivery.message_id)
+    _update_message_status(session.connection(), delivery.message_id)
     return held
 
 

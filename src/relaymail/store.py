@@ -21,7 +21,6 @@ import secrets
 import string
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import timedelta
 from typing import AsyncIterator
 
@@ -32,6 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 
+from .db import sqlite_path
 from .errors import NotFoundError
 from .store_sqlite import SqliteUnits, ensure_wal_mode
 from .models import Buyer, Delivery, Message, Order, Pair, Seller, SellerSender, SenderState, ThreadId
@@ -73,10 +73,11 @@ class Store:
         self._units: SqliteUnits | None = None
         if self.is_sqlite:
             sync_url = make_url(url).set(drivername="sqlite+pysqlite")
-            if sync_url.database and sync_url.database != ":memory:" and Path(sync_url.database).exists():
+            path = sqlite_path(url)
+            if path is not None and path.exists():
                 # Before any connection of this process exists, so that no
                 # two of them race to change the journal mode.
-                ensure_wal_mode(sync_url.database)
+                ensure_wal_mode(path)
             self._units = SqliteUnits(sync_url, self._write_lock, _sqlite_pragmas)
 
     async def run(self, unit: Callable[[Session], T], *, write: bool = False, durable: bool = True) -> T:
